@@ -1,0 +1,112 @@
+"""The model bundle: the one thing every stage after training reads.
+
+A run folder holds ``model.safetensors`` (the trained head's tensors) and
+``model.json`` (format version, class names, backbone spec, preprocessing and
+head shape). Together they rebuild the classifier with no pickle involved.
+``model.json`` is written last and atomically: a folder without it is not a
+finished run, whatever else it contains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from safetensors.torch import load_file, save
+
+from .backbones import BackboneSpec
+from .errors import FloristError
+from .files import atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Bundle:
+    """The contents of ``model.json`` plus the head's tensors."""
+
+    classes: list[str]
+    backbone: BackboneSpec
+    data_config: dict[str, Any]
+    head: dict[str, Any]  # {"type": "linear", "in_features", "num_classes", "dropout"}
+    state: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "classes": self.classes,
+            "backbone": self.backbone.to_dict(),
+            "preprocessing": self.data_config,
+            "head": self.head,
+            **self.extra,
+        }
+
+
+def build_head(spec: dict[str, Any]) -> nn.Module:
+    """The classifier head described by ``model.json``'s ``head`` entry.
+
+    A dropout layer (active only in training) followed by one linear layer on the
+    pooled backbone features; the parameter names (``fc.weight``, ``fc.bias``) are
+    those stored in ``model.safetensors``.
+    """
+    if spec.get("type") != "linear":
+        raise FloristError(f"unknown head type {spec.get('type')!r}")
+    head = nn.Sequential()
+    head.add_module("dropout", nn.Dropout(float(spec.get("dropout", 0.0))))
+    head.add_module("fc", nn.Linear(int(spec["in_features"]), int(spec["num_classes"])))
+    return head
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished model (its ``model.json`` exists)."""
+    return (Path(run_dir) / MODEL_JSON).is_file()
+
+
+def save_bundle(run_dir: str | Path, bundle: Bundle) -> None:
+    """Write weights, then ``model.json`` (the completion mark), each atomically."""
+    run = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in bundle.state.items()}
+    atomic_write_bytes(run / MODEL_WEIGHTS, save(state, metadata={"format": "florist"}))
+    atomic_write_json(run / MODEL_JSON, bundle.to_json())
+
+
+def read_bundle(run_dir: str | Path) -> Bundle:
+    """Read a bundle back; the tensors go through safetensors only.
+
+    Raises:
+        FloristError: missing, unfinished or incompatible run folder.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FloristError(f"run folder not found: {run}")
+    if not is_complete(run):
+        raise FloristError(f"no finished model in {run} (model.json missing: training did not complete?)")
+    try:
+        meta = json.loads((run / MODEL_JSON).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise FloristError(f"cannot read {run / MODEL_JSON}: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FloristError(
+            f"{run} was written by an incompatible florist (format {meta.get('format_version')}, "
+            f"this version reads {FORMAT_VERSION})"
+        )
+    try:
+        state = load_file(str(run / MODEL_WEIGHTS))
+    except Exception as e:
+        raise FloristError(f"cannot read {run / MODEL_WEIGHTS}: {e}") from None
+    known = {"format_version", "classes", "backbone", "preprocessing", "head"}
+    return Bundle(
+        classes=list(meta["classes"]),
+        backbone=BackboneSpec.from_dict(meta["backbone"]),
+        data_config=meta["preprocessing"],
+        head=meta["head"],
+        state=state,
+        extra={k: v for k, v in meta.items() if k not in known},
+    )

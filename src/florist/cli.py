@@ -1,0 +1,233 @@
+"""The ``florist`` command: a thin Typer layer over the Python API.
+
+Each command parses options, calls one library function and prints the result;
+a :class:`~florist.errors.FloristError` becomes a one-line message and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import FloristError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Turn a folder of labelled photos (<folder>/<class>/<images>) into an image classifier.",
+)
+out = Console()
+err = Console(stderr=True)
+
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or summary lines.")
+Seed = typer.Option(0, help="Random seed for the split and the training (same seed + data = same model).")
+EvalFraction = typer.Option(0.2, help="Share of each class held out for evaluation.")
+TrainPerClass = typer.Option(
+    None, help="Exact number of training images per class (the rest is eval); overrides --eval-fraction."
+)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
+        force=True,
+    )
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line on stderr and exit status 2 (130 on Ctrl-C)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FloristError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def prepare(
+    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder to write labels.txt and manifests to."),
+    eval_fraction: float = EvalFraction,
+    train_per_class: Optional[int] = TrainPerClass,
+    seed: int = Seed,
+    quiet: bool = Quiet,
+) -> None:
+    """Check every image, split train/eval, write labels.txt, train.csv, eval.csv, skipped.csv."""
+    from .data import prepare as run_prepare
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Checking images", enabled=not quiet) as bar:
+        result = run_prepare(
+            data_dir, out_dir, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed, progress=bar
+        )
+    for message in result.warnings:
+        logging.getLogger("florist").warning(message)
+    if not quiet:
+        out.print(
+            f"{len(result.classes)} classes, {len(result.train)} train, {len(result.eval)} eval, "
+            f"{len(result.skipped)} skipped -> {out_dir}"
+        )
+
+
+@app.command()
+@friendly_errors
+def train(
+    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the model, metrics and logs."),
+    backbone: str = typer.Option(
+        "efficientnet_lite0",
+        help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME.",
+    ),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
+    eval_fraction: float = EvalFraction,
+    train_per_class: Optional[int] = TrainPerClass,
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: 15]."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
+    optimizer: str = typer.Option("adam", help="adam or sgd."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.005 adam, 0.01 sgd]."),
+    decay_rate: Optional[float] = typer.Option(
+        None, help="Exponential LR decay per --decay-steps [default: 1.0 adam, 0.9 sgd]."
+    ),
+    decay_steps: int = typer.Option(100, help="Steps over which the LR is multiplied by --decay-rate."),
+    batch_size: int = typer.Option(32, help="Examples per step."),
+    dropout: float = typer.Option(0.0, help="Dropout on features before the classifier."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing for the cross-entropy loss."),
+    class_weights: Optional[str] = typer.Option(None, help="'balanced' to weight classes by inverse frequency."),
+    weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
+    seed: int = Seed,
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache [default: $FLORIST_CACHE or user cache]."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
+    quiet: bool = Quiet,
+) -> None:
+    """Train a classifier on DATA_DIR and save it in --out (prepare runs first)."""
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    _setup_logging(quiet)
+    config = TrainConfig(
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        eval_fraction=eval_fraction,
+        train_per_class=train_per_class,
+        epochs=epochs,
+        steps=steps,
+        optimizer=optimizer,  # type: ignore[arg-type]
+        lr=lr,
+        decay_rate=decay_rate,
+        decay_steps=decay_steps,
+        batch_size=batch_size,
+        dropout=dropout,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,  # type: ignore[arg-type]
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    run_train(data_dir, out_dir, config, cache_dir=cache_dir, overwrite=overwrite, verbose=not quiet)
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    if json_out:
+        out.print_json(data=metrics)
+    elif "top1" in metrics:
+        _print_metrics(metrics)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    data_dir: Optional[Path] = typer.Argument(None, help="Folder of class folders [default: the run's eval split]."),
+    json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+    quiet: bool = Quiet,
+) -> None:
+    """Top-1/top-5, per-class precision/recall/F1 and the confusion matrix on labelled photos."""
+    from .evaluate import evaluate as run_evaluate
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Evaluating", enabled=not quiet and not json_out) as bar:
+        metrics = run_evaluate(run_dir, data_dir, progress=bar)
+    if json_out:
+        out.print_json(data=metrics)
+    else:
+        _print_metrics(metrics)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
+    json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),
+    quiet: bool = Quiet,
+) -> None:
+    """Classify images; unreadable files get an error entry and exit status 1."""
+    from .predict import load
+
+    _setup_logging(quiet)
+    model = load(run_dir)
+    predictions = model.predict(inputs, top_k=top_k)
+    if json_out:
+        for p in predictions:
+            sys.stdout.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+    elif csv_out:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+        for p in predictions:
+            if p.error:
+                writer.writerow([p.path, "", "", "", p.error])
+            for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
+                writer.writerow([p.path, rank, label, f"{prob:.6f}", ""])
+    else:
+        table = Table("image", "top classes")
+        for p in predictions:
+            text = p.error and f"[red]{p.error}[/red]" or ", ".join(
+                f"{label} {prob:.1%}" for label, prob in zip(p.labels, p.probabilities)
+            )
+            table.add_row(p.path, text)
+        out.print(table)
+    if any(p.error for p in predictions):
+        raise typer.Exit(1)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    """Summary line, per-class table and confusion matrix."""
+    out.print(f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   on {metrics['n']} images")
+    table = Table("class", "precision", "recall", "f1", "support")
+    for name, m in metrics["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(table)
+    cm = Table("true \\ predicted", *metrics["classes"])
+    for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
+        cm.add_row(name, *map(str, row))
+    out.print(cm)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,483 @@
+"""Stage 1, *prepare*: photos on disk -> classes, validated images, a train/eval split.
+
+A photo folder is ``<root>/<class name>/<images>`` (sub-folders inside a class
+folder are searched too). Every candidate file is read once: its bytes are
+hashed (the hash is the image's identity in the feature cache and in the
+manifests) and decoded, so a corrupt or odd file is found here, reported in
+``skipped.csv`` with a reason, and never reaches training.
+
+:func:`decode_image` is the single place where bytes become an RGB picture;
+training, evaluation and prediction all go through it, so they see the same
+pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import FloristError
+from .files import atomic_write_csv, atomic_write_text, read_csv, sha256_bytes
+from .progress import ProgressFn
+
+#: Formats accepted, by what the file's content says (not its extension). MPO is
+#: the multi-picture JPEG many cameras write.
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
+
+#: Default pixel limit (width * height) per image: about 89 megapixels, the same
+#: threshold Pillow warns at. Larger images are refused before they are decoded,
+#: so a crafted "decompression bomb" header cannot exhaust memory.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: Largest file read into memory (bytes); bigger files are skipped unread.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class BadImage(Exception):
+    """A single file that cannot be used; the message is the reason shown in ``skipped.csv``."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One usable image: where it is, its class index and its content hash."""
+
+    path: str
+    label: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """The result of scanning a photo folder (before any split)."""
+
+    classes: list[str]
+    items: list[Item]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """A split dataset, as written to a run folder by :func:`prepare`."""
+
+    classes: list[str]
+    train: list[Item]
+    eval: list[Item]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Decoding one image
+# ---------------------------------------------------------------------------
+
+
+def read_file(path: str | Path) -> bytes:
+    """Read a regular file's bytes, turning every OS-level failure into :class:`BadImage`."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise BadImage("not a regular file" if p.exists() else "file not found (broken link?)")
+        size = p.stat().st_size
+        if size == 0:
+            raise BadImage("empty file (0 bytes)")
+        if size > MAX_FILE_BYTES:
+            raise BadImage(f"file too large ({size} bytes > {MAX_FILE_BYTES})")
+        return p.read_bytes()
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except OSError as e:
+        raise BadImage(f"cannot read file: {e.strerror or e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a person would expect to see it.
+
+    Transparent pixels are composited onto white (not black, which is what a
+    plain ``convert("RGB")`` gives for many PNGs), 16-bit and float images are
+    rescaled to 8 bits instead of clipped, and CMYK is converted by Pillow.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.size and arr.max() > 255:
+            arr = arr * (255.0 / arr.max())
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode image bytes into an upright 8-bit RGB :class:`PIL.Image.Image`.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: refuse images whose header claims more pixels than this.
+        draft_size: when given, JPEGs are decoded at the smallest DCT scale whose
+            shorter side is still at least this many pixels (much faster for large
+            photos; the result is then resized anyway).
+
+    Raises:
+        BadImage: with a short reason, for anything that is not a usable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in IMAGE_FORMATS:
+                raise BadImage(f"unsupported image format {img.format}")
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise BadImage(f"invalid size {width}x{height}")
+            if width * height > max_pixels:
+                raise BadImage(f"too many pixels ({width}x{height} > {max_pixels} limit)")
+            if draft_size and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
+        # Pillow reports truncated or corrupt data with a mix of these.
+        raise BadImage(f"corrupt image: {e}") from None
+
+
+def load_image(path: str | Path, **kwargs) -> Image.Image:
+    """Read and decode one file (see :func:`decode_image` for the keyword arguments)."""
+    return decode_image(read_file(path), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Scanning a folder
+# ---------------------------------------------------------------------------
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_class_folders(data_dir: str | Path) -> dict[str, Path]:
+    """Map class name -> folder for every non-hidden sub-folder of ``data_dir``.
+
+    Raises:
+        FloristError: if ``data_dir`` does not exist or is not a folder.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise FloristError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise FloristError(f"not a folder: {root} (expected <folder>/<class>/<images>)")
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except PermissionError:
+        raise FloristError(f"cannot list folder (permission denied): {root}") from None
+    return {p.name: p for p in entries}
+
+
+def _candidate_files(folder: Path) -> Iterator[Path]:
+    """Every non-hidden file under ``folder``, in sorted order, without following link loops."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def check_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Read and fully decode one file; return its SHA-256 or raise :class:`BadImage`."""
+    data = read_file(path)
+    decode_image(data, max_pixels=max_pixels, draft_size=64)
+    return sha256_bytes(data)
+
+
+def scan(
+    data_dir: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> Dataset:
+    """Find classes and validate every image under ``data_dir``.
+
+    Args:
+        data_dir: a folder of class folders.
+        classes: when given (evaluating a trained model), the known class names;
+            a class folder not in this list is an error, and labels follow this order.
+        max_pixels: per-image pixel limit.
+        workers: threads used to read and decode (Pillow releases the GIL).
+        progress: called as ``progress(done, total)`` while files are checked.
+
+    Raises:
+        FloristError: missing folder, no class folders, unknown class folders.
+    """
+    root = Path(data_dir)
+    folders = find_class_folders(root)
+    if not folders:
+        raise FloristError(f"no class folders in {root} (expected {root}/<class>/<images>)")
+    if classes is None:
+        class_names = list(folders)
+    else:
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise FloristError(
+                f"class folders not known to the model: {', '.join(map(repr, unknown))}; "
+                f"known classes: {', '.join(map(repr, classes))}"
+            )
+        class_names = list(classes)
+    candidates = [
+        (name, path)
+        for name in class_names
+        if name in folders
+        for path in _candidate_files(folders[name])
+        if not _is_hidden(path, root)
+    ]
+    results = _check_all([p for _, p in candidates], max_pixels, workers, progress)
+    index = {name: i for i, name in enumerate(class_names)}
+    items: list[Item] = []
+    skipped: list[Skipped] = []
+    for (name, path), result in zip(candidates, results):
+        if isinstance(result, BadImage):
+            skipped.append(Skipped(str(path), str(result)))
+        else:
+            items.append(Item(str(path), index[name], result))
+    return Dataset(class_names, items, skipped)
+
+
+def _check_all(
+    paths: list[Path], max_pixels: int, workers: int | None, progress: ProgressFn | None
+) -> list[str | BadImage]:
+    """Check files in parallel; each result is a SHA-256 string or the :class:`BadImage`."""
+
+    def one(path: Path):
+        try:
+            return check_file(path, max_pixels)
+        except BadImage as e:
+            return e
+
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    results = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, result in enumerate(pool.map(one, paths), 1):
+            results.append(result)
+            if progress is not None:
+                progress(i, len(paths))
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------
+
+
+def drop_small_classes(ds: Dataset, minimum: int) -> Dataset:
+    """Remove classes with fewer than ``minimum`` valid images, with a warning for each.
+
+    An empty class folder (or one whose files were all skipped) is almost
+    always an accident; dropping it keeps the run going and says so. Labels are
+    re-numbered so they stay contiguous.
+
+    Raises:
+        FloristError: when fewer than two classes remain.
+    """
+    counts = defaultdict(int)
+    for item in ds.items:
+        counts[item.label] += 1
+    keep = [i for i in range(len(ds.classes)) if counts[i] >= minimum]
+    warns = list(ds.warnings)
+    for i in range(len(ds.classes)):
+        if counts[i] < minimum:
+            warns.append(
+                f"class {ds.classes[i]!r} left out: {counts[i]} valid image(s), need at least {minimum}"
+            )
+    if len(keep) < 2:
+        found = ", ".join(repr(ds.classes[i]) for i in keep) or "none"
+        raise FloristError(
+            f"need at least 2 classes with {minimum}+ valid images each; found {len(keep)} ({found})"
+        )
+    remap = {old: new for new, old in enumerate(keep)}
+    items = [Item(it.path, remap[it.label], it.sha256) for it in ds.items if it.label in remap]
+    return Dataset([ds.classes[i] for i in keep], items, ds.skipped, warns)
+
+
+def split(
+    ds: Dataset,
+    *,
+    eval_fraction: float | None = 0.2,
+    train_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Item], list[Item]]:
+    """Stratified train/eval split, reproducible for a given seed.
+
+    Either ``train_per_class`` images of each class go to training and the rest
+    to evaluation (the original project's way), or ``eval_fraction`` of each
+    class goes to evaluation. Identical files (same SHA-256) always land on
+    the same side, so an exact duplicate cannot leak from train into eval.
+
+    Raises:
+        FloristError: invalid arguments or a class too small for the request.
+    """
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise FloristError(f"--train-per-class must be >= 1, got {train_per_class}")
+    elif eval_fraction is None or not 0.0 <= eval_fraction < 1.0:
+        raise FloristError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    by_class: dict[int, dict[str, list[Item]]] = defaultdict(dict)
+    for item in ds.items:
+        by_class[item.label].setdefault(item.sha256, []).append(item)
+    train: list[Item] = []
+    evaluation: list[Item] = []
+    for label in range(len(ds.classes)):
+        groups = [by_class[label][h] for h in sorted(by_class[label])]
+        rng = random.Random(f"{seed}:{ds.classes[label]}")
+        rng.shuffle(groups)
+        n = sum(len(g) for g in groups)
+        if train_per_class is not None:
+            if n < train_per_class + 1:
+                raise FloristError(
+                    f"class {ds.classes[label]!r} has {n} valid images; --train-per-class "
+                    f"{train_per_class} needs at least {train_per_class + 1}"
+                )
+            n_train = train_per_class
+        else:
+            n_eval = math.floor(n * eval_fraction + 0.5) if eval_fraction > 0 else 0
+            n_eval = min(max(n_eval, 1 if eval_fraction > 0 else 0), n - 1)
+            n_train = n - n_eval
+        taken = 0
+        for group in groups:
+            (train if taken < n_train else evaluation).extend(group)
+            taken += len(group)
+    return sorted(train, key=_order), sorted(evaluation, key=_order)
+
+
+def _order(item: Item) -> tuple[int, str]:
+    return item.label, item.path
+
+
+# ---------------------------------------------------------------------------
+# Manifests in a run folder
+# ---------------------------------------------------------------------------
+
+MANIFEST_HEADER = ("path", "label", "sha256")
+
+
+def write_manifests(run_dir: str | Path, prepared: Prepared) -> None:
+    """Write ``labels.txt``, ``train.csv``, ``eval.csv`` and ``skipped.csv`` atomically."""
+    run = Path(run_dir)
+    atomic_write_text(run / "labels.txt", "".join(f"{c}\n" for c in prepared.classes))
+    for name, items in (("train.csv", prepared.train), ("eval.csv", prepared.eval)):
+        atomic_write_csv(
+            run / name,
+            MANIFEST_HEADER,
+            ((it.path, prepared.classes[it.label], it.sha256) for it in items),
+        )
+    atomic_write_csv(run / "skipped.csv", ("path", "reason"), ((s.path, s.reason) for s in prepared.skipped))
+
+
+def read_labels(run_dir: str | Path) -> list[str]:
+    """Class names of a run, in label order (line number = label index)."""
+    path = Path(run_dir) / "labels.txt"
+    if not path.exists():
+        raise FloristError(f"no labels.txt in {run_dir}: not a florist run folder")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def read_manifest(path: str | Path, classes: Sequence[str]) -> list[Item]:
+    """Read ``train.csv``/``eval.csv`` back into items (labels by class name)."""
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        rows = read_csv(path)
+    except FileNotFoundError:
+        raise FloristError(f"manifest not found: {path}") from None
+    try:
+        return [Item(r["path"], index[r["label"]], r["sha256"]) for r in rows]
+    except KeyError as e:
+        raise FloristError(f"malformed manifest {path}: unknown class or column {e}") from None
+
+
+def prepare(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    eval_fraction: float | None = 0.2,
+    train_per_class: int | None = None,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressFn | None = None,
+) -> Prepared:
+    """Scan, validate and split a photo folder; write the manifests when ``out_dir`` is given.
+
+    Example:
+        >>> prepared = florist.prepare("flower_photos", "runs/flowers")  # doctest: +SKIP
+        >>> prepared.classes
+        ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
+    """
+    ds = scan(data_dir, max_pixels=max_pixels, progress=progress)
+    needs_eval = train_per_class is not None or (eval_fraction or 0) > 0
+    ds = drop_small_classes(ds, minimum=2 if needs_eval else 1)
+    train, evaluation = split(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+    prepared = Prepared(ds.classes, train, evaluation, ds.skipped, ds.warnings)
+    if out_dir is not None:
+        write_manifests(out_dir, prepared)
+    return prepared
+
+
+def iter_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
+    """Expand files, folders (searched recursively) and glob patterns into file paths.
+
+    Raises:
+        FloristError: for an input that is neither an existing path nor a matching glob.
+    """
+    import glob
+
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            yield from (f for f in _candidate_files(p) if not _is_hidden(f, p))
+        elif p.exists() or p.is_symlink():
+            yield p
+        elif glob.has_magic(str(raw)):
+            matches = sorted(glob.glob(str(raw), recursive=True))
+            if not matches:
+                raise FloristError(f"no files match {raw!r}")
+            for m in matches:
+                if Path(m).is_dir():
+                    yield from iter_paths([m])
+                else:
+                    yield Path(m)
+        else:
+            raise FloristError(f"file not found: {raw}")

@@ -1,0 +1,240 @@
+"""Stage 3, *features*: images -> pooled backbone features ("bottlenecks"), cached on disk.
+
+A frozen backbone maps each image to the same vector every time, so florist
+computes it once and stores it under a key made of the image's content hash
+and everything that affects the vector: backbone architecture, exact weights,
+preprocessing and the florist feature version. A second ``train`` on the same
+photos (or on a superset, or with other head settings) reads the cache instead
+of running the network. Entries are single safetensors files written
+atomically, so a killed run leaves no corrupt entry and concurrent runs can
+share one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone
+from .data import BadImage, decode_image, read_file
+from .files import atomic_write_bytes, sha256_bytes
+from .progress import ProgressFn
+
+#: Bump when the way features are computed changes, so stale cache entries are not reused.
+FEATURE_VERSION = 1
+
+ENV_CACHE = "FLORIST_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$FLORIST_CACHE`` if set, else the user cache folder (e.g. ``~/.cache/florist``)."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("florist"))
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------
+
+
+def resize_size(data_config: dict[str, Any]) -> int:
+    """Shorter side an image is resized to before the centre crop (timm's rule)."""
+    return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
+
+
+def build_transform(data_config: dict[str, Any]):
+    """PIL image -> normalised tensor, exactly as timm evaluates the backbone."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(data_config["input_size"]),
+        interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode", "center"),
+        is_training=False,
+    )
+
+
+def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
+    """Decode bytes the way every stage must: draft-decoded to no less than the resize size."""
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    return decode_image(data, draft_size=resize_size(data_config), **kwargs)
+
+
+def feature_key(backbone: Backbone, view: str = "clean") -> str:
+    """Cache namespace for one backbone + weights + preprocessing + view."""
+    payload = json.dumps(
+        {
+            "version": FEATURE_VERSION,
+            "timm_name": backbone.spec.timm_name,
+            "weights": backbone.spec.weights_id,
+            "data_config": backbone.data_config,
+            "view": view,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """One folder of per-image feature files: ``<root>/<key>/<sha[:2]>/<sha>.safetensors``."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / key
+
+    def _path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.safetensors"
+
+    def get(self, sha: str) -> np.ndarray | None:
+        """The cached vector, or None if absent or unreadable (a bad entry is removed)."""
+        path = self._path(sha)
+        try:
+            return st_load(path.read_bytes())["features"]
+        except FileNotFoundError:
+            return None
+        except Exception:
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, sha: str, features: np.ndarray) -> None:
+        atomic_write_bytes(self._path(sha), st_save({"features": np.ascontiguousarray(features)}))
+
+
+# ---------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------
+
+
+class _ImageFiles(Dataset):
+    """Reads, hashes and preprocesses files; a bad file yields its error instead of raising."""
+
+    def __init__(self, paths: Sequence[str], data_config: dict[str, Any]):
+        self.paths = list(paths)
+        self.data_config = data_config
+        self.transform = build_transform(data_config)
+        self.blank = torch.zeros(tuple(data_config["input_size"]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str]:
+        try:
+            data = read_file(self.paths[i])
+            image = load_for_backbone(data, self.data_config)
+            return i, self.transform(image), sha256_bytes(data), ""
+        except BadImage as e:
+            return i, self.blank, "", str(e) or "unreadable image"
+
+
+@dataclass
+class FeatureResult:
+    """Features for a list of images, in input order.
+
+    Attributes:
+        features: ``[N, D]`` float32; rows of failed images are zero.
+        errors: index -> reason for images that could not be read.
+        computed: how many images went through the network (the rest came from the cache).
+    """
+
+    features: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    computed: int = 0
+
+    @property
+    def ok(self) -> np.ndarray:
+        mask = np.ones(len(self.features), dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+
+def default_workers(n_images: int) -> int:
+    """DataLoader worker processes: decode in parallel with the model only when it pays off."""
+    if n_images < 64:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: Backbone,
+    paths: Sequence[str | Path],
+    *,
+    shas: Sequence[str | None] | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> FeatureResult:
+    """Pooled backbone features for ``paths``, reading and filling ``cache`` when given.
+
+    Args:
+        backbone: from :func:`florist.backbones.create_backbone`.
+        paths: image files.
+        shas: known content hashes (from a manifest) so cached images are not even read.
+        cache: where to look up and store features; None computes everything.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes for decoding (default: by data size).
+        progress: ``progress(done, total)`` callback.
+    """
+    paths = [str(p) for p in paths]
+    dim = backbone.num_features
+    features = np.zeros((len(paths), dim), dtype=np.float32)
+    todo: list[int] = []
+    for i, sha in enumerate(shas or [None] * len(paths)):
+        cached = cache.get(sha) if (cache is not None and sha) else None
+        if cached is not None and cached.shape == (dim,):
+            features[i] = cached
+        else:
+            todo.append(i)
+    total = len(paths)
+    done = total - len(todo)
+    if progress:
+        progress(done, total)
+    errors: dict[int, str] = {}
+    if todo:
+        workers = default_workers(len(todo)) if workers is None else workers
+        loader = DataLoader(
+            _ImageFiles([paths[i] for i in todo], backbone.data_config),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        device = next(backbone.model.parameters()).device
+        for idx, images, batch_shas, batch_errors in loader:
+            good = [j for j, err in enumerate(batch_errors) if not err]
+            if good:
+                x = images[good].to(device).contiguous(memory_format=torch.channels_last)
+                out = backbone.model(x).float().cpu().numpy()
+                for row, j in zip(out, good):
+                    features[todo[int(idx[j])]] = row
+                    if cache is not None:
+                        cache.put(batch_shas[j], row)
+            for j, err in enumerate(batch_errors):
+                if err:
+                    errors[todo[int(idx[j])]] = err
+            done += len(idx)
+            if progress:
+                progress(done, total)
+    return FeatureResult(features, errors, computed=len(todo))

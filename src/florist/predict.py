@@ -1,0 +1,126 @@
+"""Stage 6, *predict*: a trained run folder -> a :class:`Classifier` that labels new images.
+
+    >>> model = florist.load("runs/flowers")            # doctest: +SKIP
+    >>> model.predict(["rose.jpg"], top_k=3)[0].labels  # doctest: +SKIP
+    ['roses', 'tulips', 'daisy']
+
+The classifier rebuilds the backbone from the bundle's spec and applies the
+stored preprocessing, so it sees images exactly as training did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, create_backbone
+from .bundle import Bundle, build_head, read_bundle
+from .data import iter_paths
+from .features import FeatureCache, FeatureResult, default_cache_dir, extract_features, feature_key
+from .progress import ProgressFn
+
+
+@dataclass
+class Prediction:
+    """Top-k classes for one image, best first; ``error`` is set instead when it could not be read."""
+
+    path: str
+    labels: list[str]
+    probabilities: list[float]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {
+            "path": self.path,
+            "label": self.labels[0],
+            "probability": self.probabilities[0],
+            "top_k": [{"label": l, "probability": p} for l, p in zip(self.labels, self.probabilities)],
+        }
+
+
+class Classifier:
+    """A frozen backbone plus a trained head, with the class names and preprocessing.
+
+    Use :func:`load` to get one from a run folder.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, classes: Sequence[str], bundle: Bundle | None = None):
+        self.backbone = backbone
+        self.head = head.eval()
+        self.classes = list(classes)
+        self.bundle = bundle
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "Classifier":
+        backbone = create_backbone(spec=bundle.backbone)
+        head = build_head(bundle.head)
+        head.load_state_dict(bundle.state)
+        return cls(backbone, head, bundle.classes, bundle)
+
+    def features(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        shas: Sequence[str | None] | None = None,
+        cache: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> FeatureResult:
+        """Backbone features for ``paths`` (see :func:`florist.features.extract_features`)."""
+        store = FeatureCache(default_cache_dir(), feature_key(self.backbone)) if cache else None
+        return extract_features(self.backbone, paths, shas=shas, cache=store, progress=progress)
+
+    @torch.inference_mode()
+    def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
+        """Softmax probabilities ``[N, classes]`` for pooled features ``[N, D]``."""
+        if len(features) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        logits = self.head(torch.as_tensor(features, dtype=torch.float32))
+        return logits.softmax(dim=1).numpy()
+
+    def predict_proba(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities for each path (rows of unreadable images are NaN) and index -> error."""
+        result = self.features(paths, cache=False)
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        ok = result.ok
+        probs[ok] = self.probabilities_from_features(result.features[ok])
+        return probs, result.errors
+
+    def predict(
+        self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
+    ) -> list[Prediction]:
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns.
+
+        A file that is not a usable image gets a :class:`Prediction` with ``error`` set;
+        it never stops the others.
+        """
+        paths = [str(p) for p in iter_paths(inputs)]
+        result = self.features(paths, cache=False, progress=progress)
+        ok = result.ok
+        probs = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        probs[ok] = self.probabilities_from_features(result.features[ok])
+        k = max(1, min(top_k, len(self.classes)))
+        out = []
+        for i, path in enumerate(paths):
+            if i in result.errors:
+                out.append(Prediction(path, [], [], result.errors[i]))
+                continue
+            order = np.argsort(-probs[i], kind="stable")[:k]
+            out.append(Prediction(path, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))
+        return out
+
+
+def load(run_dir: str | Path) -> Classifier:
+    """Load the trained classifier in ``run_dir`` (safetensors + JSON only, never pickle).
+
+    Raises:
+        FloristError: if the folder holds no finished, compatible model.
+    """
+    return Classifier.from_bundle(read_bundle(run_dir))

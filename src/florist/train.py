@@ -1,0 +1,378 @@
+"""Stage 4, *train*: cached features -> a new classifier head, saved as a model bundle.
+
+:func:`train` is the whole pipeline in one call (prepare, features, head,
+metrics, bundle); :func:`fit_head` is the optimisation on feature arrays alone,
+useful on its own for experiments.
+
+Defaults follow the original TensorFlow retraining project: Adam, learning rate
+0.005, batch 32. ``optimizer="sgd"`` gives plain SGD with exponential learning
+rate decay, ``lr * decay_rate ** (step / decay_steps)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import DEFAULT_BACKBONE, create_backbone
+from .bundle import MODEL_JSON, Bundle, build_head, is_complete, save_bundle
+from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
+from .errors import FloristError
+from .evaluate import compute_metrics
+from .features import FeatureCache, default_cache_dir, extract_features, feature_key
+from .files import atomic_write_json
+from .predict import Classifier
+from .progress import progress_bar
+
+log = logging.getLogger("florist")
+
+DEFAULT_EPOCHS = 15
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved in ``model.json`` so a run can be repeated.
+
+    Attributes:
+        backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``.
+        weights: local checkpoint for the backbone instead of its default weights.
+        eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
+        train_per_class: take exactly this many training images per class, the rest is eval.
+        epochs: passes over the training features (default 15 when ``steps`` is not given).
+        steps: total optimisation steps (batches); overrides ``epochs``.
+        optimizer: ``"adam"`` (default) or ``"sgd"``.
+        lr: learning rate (default 0.005 for Adam, 0.01 for SGD).
+        decay_rate: multiply the learning rate by this every ``decay_steps`` steps
+            (default 1.0 = constant for Adam, 0.9 for SGD); applied smoothly per step.
+        decay_steps: see ``decay_rate``.
+        batch_size: examples per step.
+        dropout: dropout on the features before the linear layer.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: ``"balanced"`` weights the loss by ``n / (classes * n_class)``.
+        weight_decay: L2 penalty (decoupled for Adam as in AdamW).
+        seed: same seed + same data = same split and same weights.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    eval_fraction: float | None = 0.2
+    train_per_class: int | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float | None = None
+    decay_rate: float | None = None
+    decay_steps: int = 100
+    batch_size: int = 32
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: Literal["balanced"] | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> "TrainConfig":
+        """Check every value, raising :class:`FloristError` naming the bad one."""
+        checks = [
+            (self.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (0.0 <= self.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.decay_rate is None or 0 < self.decay_rate <= 1, f"decay rate must be in (0, 1], got {self.decay_rate}"),
+            (self.decay_steps >= 1, f"decay steps must be >= 1, got {self.decay_steps}"),
+            (self.class_weights in (None, "balanced"), f"class weights must be 'balanced' or none, got {self.class_weights!r}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FloristError(message)
+        return self
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.005 if self.optimizer == "adam" else 0.01)
+
+    @property
+    def resolved_decay_rate(self) -> float:
+        if self.decay_rate is not None:
+            return self.decay_rate
+        return 1.0 if self.optimizer == "adam" else 0.9
+
+
+@dataclass
+class History:
+    """Per-epoch training curves (also written to TensorBoard)."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    train_top1: list[float] = field(default_factory=list)
+    eval_top1: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+
+def class_weight_vector(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights: ``n / (num_classes * count_c)`` (0 for absent classes)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _make_optimizer(head: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    rate, every = cfg.resolved_decay_rate, cfg.decay_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: rate ** (step / every))
+    return opt, schedule
+
+
+def fit_head(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    num_classes: int,
+    cfg: TrainConfig,
+    *,
+    eval_x: np.ndarray | None = None,
+    eval_y: np.ndarray | None = None,
+    writer: Any = None,
+    progress=None,
+) -> tuple[nn.Module, History]:
+    """Train a linear head on feature arrays; deterministic for a given ``cfg.seed``.
+
+    Args:
+        train_x, train_y: ``[N, D]`` features and ``[N]`` integer labels.
+        num_classes: output size.
+        cfg: hyperparameters.
+        eval_x, eval_y: optional held-out features, only measured (never used to choose anything).
+        writer: optional TensorBoard ``SummaryWriter``.
+        progress: optional ``progress(done, total)`` over steps.
+    """
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    x = torch.as_tensor(train_x, dtype=torch.float32)
+    y = torch.as_tensor(train_y, dtype=torch.long)
+    head_spec = {"type": "linear", "in_features": x.shape[1], "num_classes": num_classes, "dropout": cfg.dropout}
+    head = build_head(head_spec)
+    weight = class_weight_vector(train_y, num_classes) if cfg.class_weights == "balanced" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    opt, schedule = _make_optimizer(head, cfg)
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    total = cfg.steps or steps_per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = History()
+    step = 0
+    while step < total:
+        head.train()
+        losses, correct, seen = [], 0, 0
+        for batch in torch.randperm(len(y), generator=generator).split(cfg.batch_size):
+            if step >= total:
+                break
+            logits = head(x[batch])
+            loss = loss_fn(logits, y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == y[batch]).sum())
+            seen += len(batch)
+            if progress:
+                progress(step, total)
+        _record(history, writer, head, step, losses, correct / seen, opt, eval_x, eval_y)
+    head.eval()
+    return head, history
+
+
+def _record(
+    history: History,
+    writer: Any,
+    head: nn.Module,
+    step: int,
+    losses: list[float],
+    train_top1: float,
+    opt: torch.optim.Optimizer,
+    eval_x: np.ndarray | None,
+    eval_y: np.ndarray | None,
+) -> None:
+    """Append one point to the curves and TensorBoard."""
+    lr = opt.param_groups[0]["lr"]
+    history.step.append(step)
+    history.loss.append(float(np.mean(losses)) if losses else float("nan"))
+    history.train_top1.append(train_top1)
+    history.lr.append(lr)
+    eval_top1 = float("nan")
+    if eval_x is not None and len(eval_x):
+        head.eval()
+        with torch.inference_mode():
+            pred = head(torch.as_tensor(eval_x, dtype=torch.float32)).argmax(1).numpy()
+        eval_top1 = float(np.mean(pred == eval_y))
+    history.eval_top1.append(eval_top1)
+    if writer is not None:
+        writer.add_scalar("loss/train", history.loss[-1], step)
+        writer.add_scalar("lr", lr, step)
+        writer.add_scalar("top1/train", train_top1, step)
+        if not math.isnan(eval_top1):
+            writer.add_scalar("top1/eval", eval_top1, step)
+
+
+# ---------------------------------------------------------------------------
+# The whole pipeline
+# ---------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished run unless asked; un-mark it first when overwriting."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FloristError(f"output path exists and is not a folder: {out_dir}")
+    if is_complete(out_dir):
+        if not overwrite:
+            raise FloristError(f"{out_dir} already holds a trained model; use --overwrite or another --out")
+        (out_dir / MODEL_JSON).unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _drop_failed(items: list[Item], feats: np.ndarray, errors: dict[int, str]) -> tuple[list[Item], np.ndarray, list[Skipped]]:
+    """Remove images that failed during feature extraction (e.g. changed since prepare)."""
+    if not errors:
+        return items, feats, []
+    keep = [i for i in range(len(items)) if i not in errors]
+    skipped = [Skipped(items[i].path, reason) for i, reason in errors.items()]
+    return [items[i] for i in keep], feats[keep], skipped
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+    **overrides: Any,
+) -> Classifier:
+    """Prepare ``data_dir``, train a classifier and save it as a bundle in ``out_dir``.
+
+    Args:
+        data_dir: ``<folder>/<class>/<images>``.
+        out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
+            model.json (written last), metrics.json and TensorBoard logs under ``tb/``.
+        config: hyperparameters; keyword ``overrides`` replace single fields
+            (``florist.train("photos", "run", epochs=30)``).
+        cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder).
+        overwrite: replace a finished run in ``out_dir``.
+        verbose: show progress bars and a summary in the log.
+
+    Returns:
+        The trained :class:`~florist.predict.Classifier`; ``metrics.json`` holds its evaluation.
+
+    Raises:
+        FloristError: for bad data, settings or an existing finished run.
+    """
+    cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
+    out = Path(out_dir)
+    started = time.perf_counter()
+    backbone = create_backbone(cfg.backbone, cfg.weights)  # fail fast on a bad name
+    _check_out_dir(out, overwrite)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    with progress_bar("Checking images", enabled=verbose) as bar:
+        prepared = prepare(
+            data_dir,
+            None,
+            eval_fraction=cfg.eval_fraction,
+            train_per_class=cfg.train_per_class,
+            seed=cfg.seed,
+            max_pixels=cfg.max_pixels,
+            progress=bar,
+        )
+    timings["prepare_s"] = time.perf_counter() - t
+    for message in prepared.warnings:
+        log.warning(message)
+
+    t = time.perf_counter()
+    cache = FeatureCache(cache_dir or default_cache_dir(), feature_key(backbone))
+    splits = {}
+    computed = 0
+    for name, items in (("train", prepared.train), ("eval", prepared.eval)):
+        with progress_bar(f"Features ({name})", enabled=verbose and bool(items)) as bar:
+            result = extract_features(
+                backbone, [it.path for it in items], shas=[it.sha256 for it in items], cache=cache, progress=bar
+            )
+        computed += result.computed
+        kept, feats, failed = _drop_failed(items, result.features, result.errors)
+        prepared.skipped.extend(failed)
+        splits[name] = (kept, feats)
+    timings["features_s"] = time.perf_counter() - t
+    prepared = Prepared(prepared.classes, splits["train"][0], splits["eval"][0], prepared.skipped, prepared.warnings)
+    write_manifests(out, prepared)
+    if prepared.skipped:
+        log.warning("%d file(s) skipped, listed in %s", len(prepared.skipped), out / "skipped.csv")
+
+    (train_items, train_x), (eval_items, eval_x) = splits["train"], splits["eval"]
+    train_y = np.array([it.label for it in train_items], dtype=np.int64)
+    eval_y = np.array([it.label for it in eval_items], dtype=np.int64)
+    t = time.perf_counter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(out / "tb")) as writer, progress_bar(
+        "Training head", enabled=verbose, unit="steps"
+    ) as bar:
+        head, history = fit_head(
+            train_x, train_y, len(prepared.classes), cfg, eval_x=eval_x, eval_y=eval_y, writer=writer, progress=bar
+        )
+    timings["train_s"] = time.perf_counter() - t
+
+    model = Classifier(backbone, head, prepared.classes)
+    metrics: dict[str, Any] = {"n_train": len(train_items), "n_eval": len(eval_items)}
+    if len(eval_items):
+        metrics.update(compute_metrics(eval_y, model.probabilities_from_features(eval_x), prepared.classes))
+    metrics["train_top1"] = history.train_top1[-1]
+    metrics["features_computed"] = computed
+    metrics["n_skipped"] = len(prepared.skipped)
+    timings["total_s"] = time.perf_counter() - started
+    metrics["timings"] = timings
+    metrics["history"] = asdict(history)
+    atomic_write_json(out / "metrics.json", metrics)
+
+    bundle = Bundle(
+        classes=prepared.classes,
+        backbone=backbone.spec,
+        data_config=backbone.data_config,
+        head={"type": "linear", "in_features": backbone.num_features, "num_classes": len(prepared.classes), "dropout": cfg.dropout},
+        state=head.state_dict(),
+        extra={"train_config": asdict(cfg), "florist_version": _version()},
+    )
+    save_bundle(out, bundle)  # model.json last: the run is complete from here on
+    model.bundle = bundle
+    if verbose:
+        top1 = metrics.get("top1")
+        log.info(
+            "trained on %d images (%d classes) in %.1fs; eval top-1 %s",
+            len(train_items),
+            len(prepared.classes),
+            timings["total_s"],
+            f"{top1:.2%} on {len(eval_items)} images" if top1 is not None else "n/a (no eval split)",
+        )
+    return model
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
