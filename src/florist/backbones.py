@@ -167,11 +167,21 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """
     own = model.state_dict()
     classifier = model.default_cfg.get("classifier", "classifier")
-    if set(state) >= {k for k in own if not k.startswith(classifier)}:
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+    def is_head(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    body = OrderedDict((k, v) for k, v in own.items() if not is_head(k))
+    if set(state) >= set(body):
+        for k, expected in body.items():  # a body tensor of another shape must not be skipped silently
+            if tuple(state[k].shape) != tuple(expected.shape):
+                raise FloristError(
+                    f"weight shape mismatch: {k} {tuple(state[k].shape)} vs {tuple(expected.shape)}"
+                )
         filtered = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         model.load_state_dict(filtered, strict=False)
         return
-    body = OrderedDict((k, v) for k, v in own.items() if not k.startswith(classifier))
     if len(state) == len(body):  # a checkpoint saved without its classifier
         model.load_state_dict(map_state_dict(state, body), strict=False)
     else:

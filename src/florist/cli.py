@@ -118,6 +118,10 @@ def train(
     label_smoothing: float = typer.Option(0.0, help="Label smoothing for the cross-entropy loss."),
     class_weights: Optional[str] = typer.Option(None, help="'balanced' to weight classes by inverse frequency."),
     weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
+    views: int = typer.Option(
+        1, help="Cached extra views per training image: 1 = its mirror; K > 1 adds K-1 random crops/colour jitter."
+    ),
+    tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
     seed: int = Seed,
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache [default: $FLORIST_CACHE or user cache]."),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
@@ -145,6 +149,8 @@ def train(
         label_smoothing=label_smoothing,
         class_weights=class_weights,  # type: ignore[arg-type]
         weight_decay=weight_decay,
+        views=views,
+        tta=tta,
         seed=seed,
     )
     run_train(data_dir, out_dir, config, cache_dir=cache_dir, overwrite=overwrite, verbose=not quiet)
@@ -213,6 +219,21 @@ def predict(
         out.print(table)
     if any(p.error for p in predictions):
         raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def download(
+    dest: Optional[Path] = typer.Option(None, help="Folder to keep datasets in [default: $FLORIST_DATA or user cache]."),
+    quiet: bool = Quiet,
+) -> None:
+    """Download flower_photos (3,670 photos, 5 classes), verify its SHA-256, extract safely; print its path."""
+    from .download import download as run_download
+    from .progress import progress_bar
+
+    with progress_bar("Downloading flower_photos", enabled=not quiet, unit="bytes") as bar:
+        folder = run_download(dest=dest, progress=bar)
+    out.print(str(folder), highlight=False)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -89,10 +89,11 @@ def evaluate(
         skipped = [(s.path, s.reason) for s in ds.skipped]
     if not items:
         raise FloristError(f"no valid images of the model's classes in {data_dir or run_dir}")
-    result = model.features([it.path for it in items], shas=[it.sha256 for it in items], progress=progress)
-    ok = result.ok
-    skipped += [(items[i].path, reason) for i, reason in result.errors.items()]
-    probs = model.probabilities_from_features(result.features[ok])
-    metrics = compute_metrics([it.label for it, good in zip(items, ok) if good], probs, model.classes)
+    probs, errors = model.predict_proba(
+        [it.path for it in items], shas=[it.sha256 for it in items], cache=True, progress=progress
+    )
+    skipped += [(items[i].path, reason) for i, reason in errors.items()]
+    ok = [i for i in range(len(items)) if i not in errors]
+    metrics = compute_metrics([items[i].label for i in ok], probs[ok], model.classes)
     metrics["skipped"] = skipped
     return metrics

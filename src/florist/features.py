@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,54 @@ def resize_size(data_config: dict[str, Any]) -> int:
     return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
 
 
-def build_transform(data_config: dict[str, Any]):
-    """PIL image -> normalised tensor, exactly as timm evaluates the backbone."""
-    from timm.data import create_transform
+#: Random-view augmentation: what the original project called "distortions".
+AUGMENT = {"scale": (0.3, 1.0), "ratio": (3 / 4, 4 / 3), "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}
 
-    return create_transform(
+
+def is_random_view(view: str) -> bool:
+    """``aug0``, ``aug1``, ... are random views; ``clean`` and ``flip`` are fixed."""
+    return view.startswith("aug")
+
+
+def view_names(views: int) -> list[str]:
+    """The cached views used for ``views`` augmented copies: clean and flip first."""
+    return ["clean", "flip"] + [f"aug{k}" for k in range(max(0, views - 1))] if views > 0 else ["clean"]
+
+
+def view_seed(sha: str, view: str, seed: int) -> int:
+    """A per-image, per-view seed so augmented views are reproducible in any worker."""
+    digest = hashlib.sha256(f"{sha}:{view}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def build_transform(data_config: dict[str, Any], view: str = "clean"):
+    """PIL image -> normalised tensor, exactly as timm evaluates the backbone.
+
+    ``view="flip"`` mirrors the image first; ``aug<k>`` views take a random resized
+    crop, a random flip and colour jitter (seeded per image by the caller).
+    """
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    size = tuple(data_config["input_size"][-2:])
+    if is_random_view(view):
+        from timm.data.transforms import str_to_interp_mode
+
+        return T.Compose(
+            [
+                T.RandomResizedCrop(
+                    size,
+                    scale=AUGMENT["scale"],
+                    ratio=AUGMENT["ratio"],
+                    interpolation=str_to_interp_mode(data_config["interpolation"]),
+                ),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(AUGMENT["brightness"], AUGMENT["contrast"], AUGMENT["saturation"]),
+                T.ToTensor(),
+                T.Normalize(data_config["mean"], data_config["std"]),
+            ]
+        )
+    base = create_transform(
         input_size=tuple(data_config["input_size"]),
         interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]),
@@ -70,6 +114,11 @@ def build_transform(data_config: dict[str, Any]):
         crop_mode=data_config.get("crop_mode", "center"),
         is_training=False,
     )
+    if view == "clean":
+        return base
+    if view == "flip":
+        return T.Compose([T.RandomHorizontalFlip(p=1.0), base])
+    raise ValueError(f"unknown view {view!r}")
 
 
 def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
@@ -78,10 +127,11 @@ def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int 
     return decode_image(data, draft_size=resize_size(data_config), **kwargs)
 
 
-def feature_key(backbone: Backbone, view: str = "clean") -> str:
-    """Cache namespace for one backbone + weights + preprocessing + view."""
+def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0) -> str:
+    """Cache namespace for one backbone + weights + preprocessing + view (+ seed for random views)."""
     payload = json.dumps(
         {
+            **({"augment": AUGMENT, "seed": seed} if is_random_view(view) else {}),
             "version": FEATURE_VERSION,
             "timm_name": backbone.spec.timm_name,
             "weights": backbone.spec.weights_id,
@@ -130,10 +180,12 @@ class FeatureCache:
 class _ImageFiles(Dataset):
     """Reads, hashes and preprocesses files; a bad file yields its error instead of raising."""
 
-    def __init__(self, paths: Sequence[str], data_config: dict[str, Any]):
+    def __init__(self, paths: Sequence[str], data_config: dict[str, Any], view: str = "clean", seed: int = 0):
         self.paths = list(paths)
         self.data_config = data_config
-        self.transform = build_transform(data_config)
+        self.view = view
+        self.seed = seed
+        self.transform = build_transform(data_config, view)
         self.blank = torch.zeros(tuple(data_config["input_size"]))
 
     def __len__(self) -> int:
@@ -143,7 +195,10 @@ class _ImageFiles(Dataset):
         try:
             data = read_file(self.paths[i])
             image = load_for_backbone(data, self.data_config)
-            return i, self.transform(image), sha256_bytes(data), ""
+            sha = sha256_bytes(data)
+            if is_random_view(self.view):
+                torch.manual_seed(view_seed(sha, self.view, self.seed))
+            return i, self.transform(image), sha, ""
         except BadImage as e:
             return i, self.blank, "", str(e) or "unreadable image"
 
@@ -183,6 +238,8 @@ def extract_features(
     *,
     shas: Sequence[str | None] | None = None,
     cache: FeatureCache | None = None,
+    view: str = "clean",
+    seed: int = 0,
     batch_size: int = 64,
     workers: int | None = None,
     progress: ProgressFn | None = None,
@@ -193,7 +250,10 @@ def extract_features(
         backbone: from :func:`florist.backbones.create_backbone`.
         paths: image files.
         shas: known content hashes (from a manifest) so cached images are not even read.
-        cache: where to look up and store features; None computes everything.
+        cache: where to look up and store features; None computes everything. It must
+            have been made with the same ``view`` and ``seed`` (see :func:`feature_key`).
+        view: ``clean``, ``flip`` or ``aug<k>`` (see :func:`build_transform`).
+        seed: seed of random views.
         batch_size: images per forward pass.
         workers: DataLoader worker processes for decoding (default: by data size).
         progress: ``progress(done, total)`` callback.
@@ -216,7 +276,7 @@ def extract_features(
     if todo:
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
-            _ImageFiles([paths[i] for i in todo], backbone.data_config),
+            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed),
             batch_size=batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
@@ -238,3 +298,30 @@ def extract_features(
             if progress:
                 progress(done, total)
     return FeatureResult(features, errors, computed=len(todo))
+
+
+def extract_views(
+    backbone: Backbone,
+    paths: Sequence[str | Path],
+    views: Sequence[str],
+    *,
+    shas: Sequence[str | None] | None = None,
+    cache_root: str | Path | None = None,
+    seed: int = 0,
+    progress_for: Callable[[str], AbstractContextManager[ProgressFn]] | None = None,
+) -> dict[str, FeatureResult]:
+    """:func:`extract_features` for several views, each cached under its own key.
+
+    Args:
+        views: names from :func:`view_names` (or TTA views such as ``["clean", "flip"]``).
+        cache_root: cache folder; None disables caching.
+        progress_for: given a view name, returns a context manager yielding a progress callback.
+    """
+    results = {}
+    for view in views:
+        cache = FeatureCache(cache_root, feature_key(backbone, view, seed)) if cache_root else None
+        with (progress_for(view) if progress_for else nullcontext(None)) as bar:
+            results[view] = extract_features(
+                backbone, paths, shas=shas, cache=cache, view=view, seed=seed, progress=bar
+            )
+    return results

@@ -11,6 +11,7 @@ stored preprocessing, so it sees images exactly as training did.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from .backbones import Backbone, create_backbone
 from .bundle import Bundle, build_head, read_bundle
 from .data import iter_paths
-from .features import FeatureCache, FeatureResult, default_cache_dir, extract_features, feature_key
+from .features import FeatureResult, default_cache_dir, extract_views
 from .progress import ProgressFn
 
 
@@ -50,12 +51,25 @@ class Classifier:
     """A frozen backbone plus a trained head, with the class names and preprocessing.
 
     Use :func:`load` to get one from a run folder.
+
+    Attributes:
+        tta_views: views whose probabilities are averaged at prediction time
+            (``["clean", "flip"]`` = centre crop plus its mirror image).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, classes: Sequence[str], bundle: Bundle | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        classes: Sequence[str],
+        *,
+        tta_views: Sequence[str] = ("clean",),
+        bundle: Bundle | None = None,
+    ):
         self.backbone = backbone
         self.head = head.eval()
         self.classes = list(classes)
+        self.tta_views = list(tta_views)
         self.bundle = bundle
 
     @classmethod
@@ -63,19 +77,7 @@ class Classifier:
         backbone = create_backbone(spec=bundle.backbone)
         head = build_head(bundle.head)
         head.load_state_dict(bundle.state)
-        return cls(backbone, head, bundle.classes, bundle)
-
-    def features(
-        self,
-        paths: Sequence[str | Path],
-        *,
-        shas: Sequence[str | None] | None = None,
-        cache: bool = True,
-        progress: ProgressFn | None = None,
-    ) -> FeatureResult:
-        """Backbone features for ``paths`` (see :func:`florist.features.extract_features`)."""
-        store = FeatureCache(default_cache_dir(), feature_key(self.backbone)) if cache else None
-        return extract_features(self.backbone, paths, shas=shas, cache=store, progress=progress)
+        return cls(backbone, head, bundle.classes, tta_views=bundle.extra.get("tta_views", ["clean"]), bundle=bundle)
 
     @torch.inference_mode()
     def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
@@ -85,13 +87,38 @@ class Classifier:
         logits = self.head(torch.as_tensor(features, dtype=torch.float32))
         return logits.softmax(dim=1).numpy()
 
-    def predict_proba(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[int, str]]:
-        """Probabilities for each path (rows of unreadable images are NaN) and index -> error."""
-        result = self.features(paths, cache=False)
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        ok = result.ok
-        probs[ok] = self.probabilities_from_features(result.features[ok])
-        return probs, result.errors
+    def probabilities_from_views(self, views: dict[str, FeatureResult]) -> tuple[np.ndarray, dict[int, str]]:
+        """Average the probabilities of :attr:`tta_views`; rows of unreadable images are NaN."""
+        errors: dict[int, str] = {}
+        for view in self.tta_views:
+            errors.update(views[view].errors)
+        probs = np.mean([self.probabilities_from_features(views[v].features) for v in self.tta_views], axis=0)
+        probs[list(errors)] = np.nan
+        return probs, errors
+
+    def predict_proba(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        shas: Sequence[str | None] | None = None,
+        cache: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities ``[N, classes]`` for image files and index -> error for unreadable ones.
+
+        Args:
+            shas: known content hashes, so cached features can be used without reading files.
+            cache: read and fill the feature cache (worth it for repeated evaluation).
+        """
+        views = extract_views(
+            self.backbone,
+            paths,
+            self.tta_views,
+            shas=shas,
+            cache_root=default_cache_dir() if cache else None,
+            progress_for=(lambda view: nullcontext(progress)) if progress else None,
+        )
+        return self.probabilities_from_views(views)
 
     def predict(
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
@@ -102,15 +129,12 @@ class Classifier:
         it never stops the others.
         """
         paths = [str(p) for p in iter_paths(inputs)]
-        result = self.features(paths, cache=False, progress=progress)
-        ok = result.ok
-        probs = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
-        probs[ok] = self.probabilities_from_features(result.features[ok])
+        probs, errors = self.predict_proba(paths, progress=progress)
         k = max(1, min(top_k, len(self.classes)))
         out = []
         for i, path in enumerate(paths):
-            if i in result.errors:
-                out.append(Prediction(path, [], [], result.errors[i]))
+            if i in errors:
+                out.append(Prediction(path, [], [], errors[i]))
                 continue
             order = np.argsort(-probs[i], kind="stable")[:k]
             out.append(Prediction(path, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))

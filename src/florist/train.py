@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +28,10 @@ from .bundle import MODEL_JSON, Bundle, build_head, is_complete, save_bundle
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
 from .errors import FloristError
 from .evaluate import compute_metrics
-from .features import FeatureCache, default_cache_dir, extract_features, feature_key
+from .features import FeatureResult, default_cache_dir, extract_views, view_names
 from .files import atomic_write_json
 from .predict import Classifier
-from .progress import progress_bar
+from .progress import ProgressFn, progress_bar
 
 log = logging.getLogger("florist")
 
@@ -58,6 +59,9 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         class_weights: ``"balanced"`` weights the loss by ``n / (classes * n_class)``.
         weight_decay: L2 penalty (decoupled for Adam as in AdamW).
+        views: cached views per training image beyond the clean one: 1 adds its
+            mirror image, K > 1 adds K - 1 random augmentations too (crop, flip, colour).
+        tta: average the predictions of each image and its mirror at evaluation and prediction.
         seed: same seed + same data = same split and same weights.
     """
 
@@ -76,6 +80,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: Literal["balanced"] | None = None
     weight_decay: float = 0.0
+    views: int = 1
+    tta: bool = True
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -93,6 +99,7 @@ class TrainConfig:
             (self.decay_steps >= 1, f"decay steps must be >= 1, got {self.decay_steps}"),
             (self.class_weights in (None, "balanced"), f"class weights must be 'balanced' or none, got {self.class_weights!r}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.views >= 0, f"views must be >= 0, got {self.views}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -102,6 +109,10 @@ class TrainConfig:
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (0.005 if self.optimizer == "adam" else 0.01)
+
+    @property
+    def tta_views(self) -> list[str]:
+        return ["clean", "flip"] if self.tta else ["clean"]
 
     @property
     def resolved_decay_rate(self) -> float:
@@ -146,10 +157,10 @@ def fit_head(
     num_classes: int,
     cfg: TrainConfig,
     *,
-    eval_x: np.ndarray | None = None,
+    eval_x: Sequence[np.ndarray] = (),
     eval_y: np.ndarray | None = None,
     writer: Any = None,
-    progress=None,
+    progress: ProgressFn | None = None,
 ) -> tuple[nn.Module, History]:
     """Train a linear head on feature arrays; deterministic for a given ``cfg.seed``.
 
@@ -157,7 +168,8 @@ def fit_head(
         train_x, train_y: ``[N, D]`` features and ``[N]`` integer labels.
         num_classes: output size.
         cfg: hyperparameters.
-        eval_x, eval_y: optional held-out features, only measured (never used to choose anything).
+        eval_x, eval_y: optional held-out features, one array per test-time view (their
+            probabilities are averaged); only measured, never used to choose anything.
         writer: optional TensorBoard ``SummaryWriter``.
         progress: optional ``progress(done, total)`` over steps.
     """
@@ -206,7 +218,7 @@ def _record(
     losses: list[float],
     train_top1: float,
     opt: torch.optim.Optimizer,
-    eval_x: np.ndarray | None,
+    eval_x: Sequence[np.ndarray],
     eval_y: np.ndarray | None,
 ) -> None:
     """Append one point to the curves and TensorBoard."""
@@ -216,11 +228,11 @@ def _record(
     history.train_top1.append(train_top1)
     history.lr.append(lr)
     eval_top1 = float("nan")
-    if eval_x is not None and len(eval_x):
+    if len(eval_x) and len(eval_x[0]):
         head.eval()
         with torch.inference_mode():
-            pred = head(torch.as_tensor(eval_x, dtype=torch.float32)).argmax(1).numpy()
-        eval_top1 = float(np.mean(pred == eval_y))
+            probs = sum(head(torch.as_tensor(x, dtype=torch.float32)).softmax(1) for x in eval_x)
+        eval_top1 = float(np.mean(probs.argmax(1).numpy() == eval_y))
     history.eval_top1.append(eval_top1)
     if writer is not None:
         writer.add_scalar("loss/train", history.loss[-1], step)
@@ -246,13 +258,16 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _drop_failed(items: list[Item], feats: np.ndarray, errors: dict[int, str]) -> tuple[list[Item], np.ndarray, list[Skipped]]:
-    """Remove images that failed during feature extraction (e.g. changed since prepare)."""
-    if not errors:
-        return items, feats, []
+def _drop_failed(
+    items: list[Item], views: dict[str, FeatureResult]
+) -> tuple[list[Item], dict[str, np.ndarray], list[Skipped]]:
+    """Remove images that failed in any view (e.g. a file changed since prepare)."""
+    errors: dict[int, str] = {}
+    for result in views.values():
+        errors.update(result.errors)
     keep = [i for i in range(len(items)) if i not in errors]
-    skipped = [Skipped(items[i].path, reason) for i, reason in errors.items()]
-    return [items[i] for i in keep], feats[keep], skipped
+    skipped = [Skipped(items[i].path, reason) for i, reason in sorted(errors.items())]
+    return [items[i] for i in keep], {v: r.features[keep] for v, r in views.items()}, skipped
 
 
 def train(
@@ -306,27 +321,37 @@ def train(
         log.warning(message)
 
     t = time.perf_counter()
-    cache = FeatureCache(cache_dir or default_cache_dir(), feature_key(backbone))
-    splits = {}
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    wanted = {"train": view_names(cfg.views), "eval": cfg.tta_views}
+    features: dict[str, dict[str, np.ndarray]] = {}
+    kept: dict[str, list[Item]] = {}
     computed = 0
-    for name, items in (("train", prepared.train), ("eval", prepared.eval)):
-        with progress_bar(f"Features ({name})", enabled=verbose and bool(items)) as bar:
-            result = extract_features(
-                backbone, [it.path for it in items], shas=[it.sha256 for it in items], cache=cache, progress=bar
-            )
-        computed += result.computed
-        kept, feats, failed = _drop_failed(items, result.features, result.errors)
+    for split_name, items in (("train", prepared.train), ("eval", prepared.eval)):
+        views = extract_views(
+            backbone,
+            [it.path for it in items],
+            wanted[split_name],
+            shas=[it.sha256 for it in items],
+            cache_root=cache_root,
+            seed=cfg.seed,
+            progress_for=lambda view, n=split_name, k=bool(items): progress_bar(
+                f"Features ({n}, {view})", enabled=verbose and k
+            ),
+        )
+        computed += sum(r.computed for r in views.values())
+        kept[split_name], features[split_name], failed = _drop_failed(items, views)
         prepared.skipped.extend(failed)
-        splits[name] = (kept, feats)
     timings["features_s"] = time.perf_counter() - t
-    prepared = Prepared(prepared.classes, splits["train"][0], splits["eval"][0], prepared.skipped, prepared.warnings)
+    prepared = Prepared(prepared.classes, kept["train"], kept["eval"], prepared.skipped, prepared.warnings)
     write_manifests(out, prepared)
     if prepared.skipped:
         log.warning("%d file(s) skipped, listed in %s", len(prepared.skipped), out / "skipped.csv")
 
-    (train_items, train_x), (eval_items, eval_x) = splits["train"], splits["eval"]
-    train_y = np.array([it.label for it in train_items], dtype=np.int64)
-    eval_y = np.array([it.label for it in eval_items], dtype=np.int64)
+    train_views = wanted["train"]
+    train_x = np.concatenate([features["train"][v] for v in train_views])
+    train_y = np.tile(np.array([it.label for it in kept["train"]], dtype=np.int64), len(train_views))
+    eval_x = [features["eval"][v] for v in cfg.tta_views]
+    eval_y = np.array([it.label for it in kept["eval"]], dtype=np.int64)
     t = time.perf_counter()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -338,10 +363,11 @@ def train(
         )
     timings["train_s"] = time.perf_counter() - t
 
-    model = Classifier(backbone, head, prepared.classes)
-    metrics: dict[str, Any] = {"n_train": len(train_items), "n_eval": len(eval_items)}
-    if len(eval_items):
-        metrics.update(compute_metrics(eval_y, model.probabilities_from_features(eval_x), prepared.classes))
+    model = Classifier(backbone, head, prepared.classes, tta_views=cfg.tta_views)
+    metrics: dict[str, Any] = {"n_train": len(kept["train"]), "n_eval": len(kept["eval"]), "views": train_views}
+    if len(eval_y):
+        eval_probs = np.mean([model.probabilities_from_features(x) for x in eval_x], axis=0)
+        metrics.update(compute_metrics(eval_y, eval_probs, prepared.classes))
     metrics["train_top1"] = history.train_top1[-1]
     metrics["features_computed"] = computed
     metrics["n_skipped"] = len(prepared.skipped)
@@ -356,7 +382,7 @@ def train(
         data_config=backbone.data_config,
         head={"type": "linear", "in_features": backbone.num_features, "num_classes": len(prepared.classes), "dropout": cfg.dropout},
         state=head.state_dict(),
-        extra={"train_config": asdict(cfg), "florist_version": _version()},
+        extra={"tta_views": cfg.tta_views, "train_config": asdict(cfg), "florist_version": _version()},
     )
     save_bundle(out, bundle)  # model.json last: the run is complete from here on
     model.bundle = bundle
@@ -364,10 +390,10 @@ def train(
         top1 = metrics.get("top1")
         log.info(
             "trained on %d images (%d classes) in %.1fs; eval top-1 %s",
-            len(train_items),
+            len(kept["train"]),
             len(prepared.classes),
             timings["total_s"],
-            f"{top1:.2%} on {len(eval_items)} images" if top1 is not None else "n/a (no eval split)",
+            f"{top1:.2%} on {len(eval_y)} images" if top1 is not None else "n/a (no eval split)",
         )
     return model
 
