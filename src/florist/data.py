@@ -17,6 +17,7 @@ import io
 import math
 import os
 import random
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +43,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 #: Largest file read into memory (bytes); bigger files are skipped unread.
 MAX_FILE_BYTES = 256 * 1024 * 1024
+
+#: Held while Pillow reads a header with its DecompressionBombWarning turned into
+#: an error. ``warnings.catch_warnings`` swaps process-wide state and is not
+#: thread-safe: unguarded, parallel decoding left the "error" filter installed
+#: for good. Only the (fast) header read is serialised; decoding stays parallel.
+_OPEN_LOCK = threading.Lock()
 
 
 class BadImage(Exception):
@@ -151,21 +158,21 @@ def decode_image(
         BadImage: with a short reason, for anything that is not a usable image.
     """
     try:
-        with warnings.catch_warnings():
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.format not in IMAGE_FORMATS:
-                raise BadImage(f"unsupported image format {img.format}")
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise BadImage(f"invalid size {width}x{height}")
-            if width * height > max_pixels:
-                raise BadImage(f"too many pixels ({width}x{height} > {max_pixels} limit)")
-            if draft_size and img.format in ("JPEG", "MPO"):
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+        if img.format not in IMAGE_FORMATS:
+            raise BadImage(f"unsupported image format {img.format}")
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise BadImage(f"invalid size {width}x{height}")
+        if width * height > max_pixels:
+            raise BadImage(f"too many pixels ({width}x{height} > {max_pixels} limit)")
+        if draft_size and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -378,8 +385,12 @@ def split(
             n_eval = min(max(n_eval, 1 if eval_fraction > 0 else 0), n - 1)
             n_train = n - n_eval
         taken = 0
-        for group in groups:
-            (train if taken < n_train else evaluation).extend(group)
+        for i, group in enumerate(groups):
+            # Train takes groups until it holds n_train images; a duplicate group can
+            # overshoot, so the last group goes to eval when eval would otherwise be
+            # empty (unless it is the class's only content) -- every class is evaluated.
+            last_chance = i == len(groups) - 1 and 0 < taken < n_train < n
+            (train if taken < n_train and not last_chance else evaluation).extend(group)
             taken += len(group)
     return sorted(train, key=_order), sorted(evaluation, key=_order)
 
@@ -474,10 +485,11 @@ def iter_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
             matches = sorted(glob.glob(str(raw), recursive=True))
             if not matches:
                 raise FloristError(f"no files match {raw!r}")
+            seen: set[Path] = set()  # "dir/**" matches a folder *and* each sub-folder in it
             for m in matches:
-                if Path(m).is_dir():
-                    yield from iter_paths([m])
-                else:
-                    yield Path(m)
+                for f in iter_paths([m]) if Path(m).is_dir() else [Path(m)]:
+                    if f not in seen:
+                        seen.add(f)
+                        yield f
         else:
             raise FloristError(f"file not found: {raw}")

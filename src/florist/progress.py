@@ -48,10 +48,10 @@ class RateColumn(ProgressColumn):
 def progress_bar(description: str, *, enabled: bool = True, unit: str = "images") -> Iterator[ProgressFn]:
     """Yield a ``progress(done, total)`` callback that drives a Rich bar (or does nothing).
 
-    The bar shows count, rate and time left; it is drawn only while the step
-    runs and, when stderr is not a terminal, Rich prints just the final state.
+    The bar shows count, rate and time left. It is drawn only on a terminal:
+    in a pipe or a log file it would be noise, so nothing is printed there.
     """
-    if not enabled:
+    if not enabled or not _console.is_terminal:
         yield lambda done, total: None
         return
     columns = (

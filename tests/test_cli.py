@@ -1,0 +1,87 @@
+"""The command line: help everywhere, the documented commands, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from florist.cli import app
+
+runner = CliRunner()
+COMMANDS = ["prepare", "train", "evaluate", "predict", "download"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_top_level_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_prepare_train_evaluate_predict(photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["prepare", str(photos), "--out", str(tmp_path / "prep"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "prep" / "labels.txt").read_text().split() == ["blue", "green", "red"]
+
+    result = runner.invoke(app, ["train", str(photos), "--out", str(run), "--epochs", "5", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == 1.0
+
+    result = runner.invoke(app, ["evaluate", str(run), str(photos), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 24 and metrics["top1"] == 1.0
+
+    red = sorted((photos / "red").iterdir())
+    result = runner.invoke(app, ["predict", str(run), str(red[0]), str(red[1]), "--top-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["label"] for line in lines] == ["red", "red"]
+    assert len(lines[0]["top_k"]) == 3
+
+    result = runner.invoke(app, ["predict", str(run), str(photos / "green"), "--top-k", "1", "--csv"])
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 8 and {r["label"] for r in rows} == {"green"}
+
+
+def test_predict_bad_file_exit_status_1(trained_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_text("#!/bin/sh\necho hi\n")
+    result = runner.invoke(app, ["predict", str(trained_run), str(bad), "--json"])
+    assert result.exit_code == 1
+    assert "error" in json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{tmp}/missing", "--out", "{tmp}/run"], "data folder not found"),
+        (["train", "{photos}", "--out", "{tmp}/run", "--backbone", "not_a_model"], "unknown backbone"),
+        (["train", "{photos}", "--out", "{tmp}/run", "--optimizer", "rmsprop"], "optimizer"),
+        (["train", "{photos}", "--out", "{tmp}/run", "--train-per-class", "50"], "needs at least 51"),
+        (["evaluate", "{tmp}/missing-run"], "run folder not found"),
+        (["predict", "{tmp}", "x.jpg"], "no finished model"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args: list[str], message: str, photos: Path, tmp_path: Path) -> None:
+    argv = [a.format(tmp=tmp_path, photos=photos) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "florist", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

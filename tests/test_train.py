@@ -1,0 +1,175 @@
+"""Training: the whole pipeline on synthetic photos, reproducibility, caching, safety of the run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import florist
+from florist import FloristError, TrainConfig
+from florist.bundle import MODEL_JSON
+from florist.train import class_weight_vector, fit_head
+
+
+def test_train_writes_a_complete_run(trained_run: Path) -> None:
+    for name in ("labels.txt", "train.csv", "eval.csv", "skipped.csv", "model.safetensors", "model.json", "metrics.json"):
+        assert (trained_run / name).is_file(), name
+    assert (trained_run / "labels.txt").read_text().splitlines() == ["blue", "green", "red"]
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["n_train"] == 18 and metrics["n_eval"] == 6
+    assert metrics["top1"] == 1.0  # solid colours are trivially separable
+    assert metrics["top5"] == 1.0
+    assert set(metrics["per_class"]) == {"blue", "green", "red"}
+    assert np.trace(np.array(metrics["confusion_matrix"])) == 6
+    assert {"prepare_s", "features_s", "train_s", "total_s"} <= set(metrics["timings"])
+
+
+def test_bundle_is_plain_tensors_and_json(trained_run: Path) -> None:
+    meta = json.loads((trained_run / MODEL_JSON).read_text())
+    assert meta["classes"] == ["blue", "green", "red"]
+    assert meta["backbone"]["timm_name"] == "tf_efficientnet_lite0"
+    assert meta["preprocessing"]["input_size"] == [3, 224, 224]
+    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["tta_views"] == ["clean", "flip"]
+    state = load_file(str(trained_run / "model.safetensors"))
+    assert state["fc.weight"].shape == (3, 1280)
+
+
+def test_tensorboard_logs_loss_accuracy_lr(trained_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained_run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/train", "top1/train", "top1/eval", "lr"} <= tags
+    losses = [e.value for e in acc.Scalars("loss/train")]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+def test_second_train_reuses_cached_features(photos: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    florist.train(photos, tmp_path / "a", epochs=1, cache_dir=cache)
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    florist.train(photos, tmp_path / "b", epochs=1, cache_dir=cache, lr=0.01)
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert first["features_computed"] == 2 * 24  # clean + flip view of every image
+    assert second["features_computed"] == 0
+
+
+def test_same_seed_same_weights_other_seed_differs(photos: Path, tmp_path: Path) -> None:
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        florist.train(photos, tmp_path / name, epochs=2, seed=seed)
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors"))["fc.weight"] for n in "abc")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+
+
+def test_refuses_to_overwrite_a_finished_run(trained_run: Path, photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(FloristError, match="already holds a trained model"):
+        florist.train(photos, run, epochs=1)
+    assert (run / "model.safetensors").read_bytes() == before
+    florist.train(photos, run, epochs=1, seed=9, overwrite=True)
+    assert (run / "model.safetensors").read_bytes() != before
+
+
+def test_interrupted_run_does_not_look_finished(photos: Path, tmp_path: Path, monkeypatch) -> None:
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # florist.train is the function; the module lives in sys.modules.
+    monkeypatch.setattr(sys.modules["florist.train"], "save_bundle", crash)
+    with pytest.raises(KeyboardInterrupt):
+        florist.train(photos, tmp_path / "run", epochs=1)
+    assert not (tmp_path / "run" / MODEL_JSON).exists()
+    with pytest.raises(FloristError, match="no finished model"):
+        florist.load(tmp_path / "run")
+
+
+def test_no_temporary_files_left_behind(trained_run: Path) -> None:
+    assert not [p for p in trained_run.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("optimizer", "rmsprop", "optimizer"),
+        ("lr", 0.0, "lr"),
+        ("dropout", 1.0, "dropout"),
+        ("label_smoothing", -0.1, "label smoothing"),
+        ("class_weights", "inverse", "class weights"),
+        ("batch_size", 0, "batch size"),
+        ("views", -1, "views"),
+    ],
+)
+def test_config_is_validated(field: str, value, message: str) -> None:
+    with pytest.raises(FloristError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def _toy_features(n_per_class: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (len(n_per_class), 16))
+    x = np.concatenate([c + rng.normal(0, 1, (n, 16)) for c, n in zip(centres, n_per_class)]).astype(np.float32)
+    y = np.concatenate([np.full(n, i) for i, n in enumerate(n_per_class)])
+    return x, y
+
+
+def test_balanced_class_weights() -> None:
+    w = class_weight_vector(np.array([0, 0, 0, 1]), 3)
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    x, y = _toy_features((90, 10))
+    head, _ = fit_head(x, y, 2, TrainConfig(class_weights="balanced", epochs=5))
+    plain, _ = fit_head(x, y, 2, TrainConfig(epochs=5))
+    bias = lambda h: (h.fc.bias[1] - h.fc.bias[0]).item()  # noqa: E731
+    assert bias(head) > bias(plain)  # the rare class is favoured more with balancing
+
+
+def test_sgd_exponential_decay_and_exact_steps() -> None:
+    x, y = _toy_features((20, 20, 20))
+    cfg = TrainConfig(optimizer="sgd", lr=0.4, decay_rate=0.5, decay_steps=10, steps=20, batch_size=16)
+    head, history = fit_head(x, y, 3, cfg)
+    assert history.step[-1] == 20
+    assert history.lr[-1] == pytest.approx(0.4 * 0.5 ** (20 / 10))
+    pred = head(torch.as_tensor(x)).argmax(1).numpy()
+    assert (pred == y).mean() > 0.9
+
+
+def test_label_smoothing_and_dropout_change_training() -> None:
+    x, y = _toy_features((20, 20))
+    _, plain = fit_head(x, y, 2, TrainConfig(epochs=20))
+    _, smooth = fit_head(x, y, 2, TrainConfig(epochs=20, label_smoothing=0.3))
+    assert smooth.loss[-1] > plain.loss[-1] + 0.1  # smoothed targets cannot reach zero loss
+    head, _ = fit_head(x, y, 2, TrainConfig(epochs=1, dropout=0.5))
+    assert head.dropout.p == 0.5
+
+
+def test_train_per_class_and_no_eval(photos: Path, tmp_path: Path) -> None:
+    florist.train(photos, tmp_path / "a", epochs=1, train_per_class=5)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_eval"]) == (15, 9)
+    florist.train(photos, tmp_path / "b", epochs=1, eval_fraction=0.0)
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_eval"]) == (24, 0)
+    assert "top1" not in metrics
+
+
+@pytest.mark.slow
+def test_flowers_head_reaches_90_percent(flower_photos: Path, tmp_path: Path) -> None:
+    """The issue's acceptance run: default settings, 80/20 split of the shared flower photos."""
+    model = florist.train(flower_photos, tmp_path / "flowers", cache_dir=tmp_path / "cache")
+    metrics = json.loads((tmp_path / "flowers" / "metrics.json").read_text())
+    assert metrics["n_eval"] == 300
+    assert metrics["top1"] >= 0.90
+    pred = model.predict([flower_photos / "daisy" / sorted(p.name for p in (flower_photos / "daisy").iterdir())[0]])
+    assert pred[0].labels[0] in model.classes
