@@ -9,7 +9,7 @@ DATA ?= $(wildcard ../shared/data/flower_photos)
 RUN ?= runs/flowers
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test docs clean
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+docs: install
+	$(VENV)/bin/typer florist.cli utils docs --name florist --output docs/cli.md

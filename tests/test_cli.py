@@ -85,3 +85,17 @@ def test_errors_are_one_line_without_traceback(args: list[str], message: str, ph
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_reference_is_up_to_date(tmp_path: Path) -> None:
+    """docs/cli.md is generated from the CLI (make docs); a stale copy fails here."""
+    typer_bin = Path(sys.executable).with_name("typer")
+    out = tmp_path / "cli.md"
+    subprocess.run(
+        [str(typer_bin), "florist.cli", "utils", "docs", "--name", "florist", "--output", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    committed = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert out.read_text() == committed.read_text(), "run `make docs` to refresh docs/cli.md"
