@@ -122,7 +122,7 @@ def safe_extract(tarball: Path, dest: Path, *, max_bytes: int = MAX_EXTRACTED_BY
         FloristError: for an unsafe or oversized archive (nothing is left in ``dest``).
     """
     if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4 lacks extraction filters
-        raise FloristError("this Python cannot extract archives safely: use Python 3.10.12+, 3.11.4+ or 3.12+")
+        raise FloristError("this Python cannot extract archives safely: use 3.10.12+, 3.11.4+ or 3.12+")
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
     try:

@@ -196,9 +196,12 @@ class _ImageFiles(Dataset):
             data = read_file(self.paths[i])
             image = load_for_backbone(data, self.data_config)
             sha = sha256_bytes(data)
-            if is_random_view(self.view):
+            if not is_random_view(self.view):
+                return i, self.transform(image), sha, ""
+            # Seed torchvision's (global) RNG per image, without disturbing the caller's.
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(sha, self.view, self.seed))
-            return i, self.transform(image), sha, ""
+                return i, self.transform(image), sha, ""
         except BadImage as e:
             return i, self.blank, "", str(e) or "unreadable image"
 
@@ -249,7 +252,9 @@ def extract_features(
     Args:
         backbone: from :func:`florist.backbones.create_backbone`.
         paths: image files.
-        shas: known content hashes (from a manifest) so cached images are not even read.
+        shas: known content hashes (from a manifest) so cached images are not even read;
+            without them each file is read and hashed, and the network still runs only
+            for images missing from the cache.
         cache: where to look up and store features; None computes everything. It must
             have been made with the same ``view`` and ``seed`` (see :func:`feature_key`).
         view: ``clean``, ``flip`` or ``aug<k>`` (see :func:`build_transform`).
@@ -273,6 +278,7 @@ def extract_features(
     if progress:
         progress(done, total)
     errors: dict[int, str] = {}
+    ran = 0
     if todo:
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
@@ -283,7 +289,14 @@ def extract_features(
         )
         device = next(backbone.model.parameters()).device
         for idx, images, batch_shas, batch_errors in loader:
-            good = [j for j, err in enumerate(batch_errors) if not err]
+            good = []
+            for j, err in enumerate(batch_errors):
+                cached = cache.get(batch_shas[j]) if (cache is not None and not err) else None
+                if cached is not None and cached.shape == (dim,):
+                    features[todo[int(idx[j])]] = cached  # hash known only after reading the file
+                elif not err:
+                    good.append(j)
+            ran += len(good)
             if good:
                 x = images[good].to(device).contiguous(memory_format=torch.channels_last)
                 out = backbone.model(x).float().cpu().numpy()
@@ -297,7 +310,7 @@ def extract_features(
             done += len(idx)
             if progress:
                 progress(done, total)
-    return FeatureResult(features, errors, computed=len(todo))
+    return FeatureResult(features, errors, computed=ran)
 
 
 def extract_views(

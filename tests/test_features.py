@@ -1,0 +1,239 @@
+"""Features: extraction matches the backbone, the cache is keyed and robust, views are reproducible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from florist.backbones import create_backbone
+from florist.features import (
+    FeatureCache,
+    build_transform,
+    default_cache_dir,
+    extract_features,
+    feature_key,
+    view_names,
+)
+from florist.files import sha256_file
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 210), (240, 220, 30)]
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLORIST_CACHE", str(tmp_path / "florist-cache"))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0")
+
+
+def _image(colour, seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.empty((size[1], size[0], 3), dtype=np.int16)
+    arr[:] = colour
+    arr += rng.integers(-40, 41, size=arr.shape, dtype=np.int16)
+    arr[:, : size[0] // 3] //= 2  # something asymmetric, so a mirror image differs
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, colour in enumerate(COLOURS):
+        path = folder / f"img{i}.png"
+        _image(colour, i).save(path)
+        paths.append(path)
+    return paths
+
+
+def _reference(backbone, paths, view="clean") -> np.ndarray:
+    transform = build_transform(backbone.data_config, view)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        return backbone.model(x).numpy()
+
+
+def test_cache_dir_follows_environment(tmp_path):
+    assert default_cache_dir() == tmp_path / "florist-cache"
+
+
+def test_view_names():
+    assert view_names(0) == ["clean"]
+    assert view_names(1) == ["clean", "flip"]
+    assert view_names(3) == ["clean", "flip", "aug0", "aug1"]
+
+
+def test_features_match_the_backbone(lite0, images):
+    result = extract_features(lite0, images, batch_size=3)
+    assert result.features.shape == (len(images), lite0.num_features)
+    assert result.features.dtype == np.float32
+    assert result.errors == {}
+    assert result.computed == len(images)
+    assert result.ok.all()
+    np.testing.assert_allclose(result.features, _reference(lite0, images), atol=1e-5, rtol=1e-5)
+    # different images give different features (not one constant vector)
+    assert not np.allclose(result.features[0], result.features[1], atol=1e-3)
+
+
+def test_progress_is_reported(lite0, images):
+    calls = []
+    extract_features(lite0, images[:2], batch_size=1, progress=lambda *a: calls.append(a))
+    assert calls[0] == (0, 2)
+    assert calls[-1] == (2, 2)
+
+
+def test_cache_is_used_and_survives_corruption(lite0, images, tmp_path):
+    shas = [sha256_file(p) for p in images]
+    cache = FeatureCache(tmp_path / "cache", feature_key(lite0))
+    first = extract_features(lite0, images, shas=shas, cache=cache)
+    assert first.computed == len(images)
+    files = sorted(cache.dir.rglob("*.safetensors"))
+    assert len(files) == len(images)
+    assert {f.stem for f in files} == set(shas)
+
+    second = extract_features(lite0, images, shas=shas, cache=cache)
+    assert second.computed == 0
+    assert np.array_equal(second.features, first.features)
+
+    # a corrupted entry is recomputed, not crashed on, and rewritten
+    bad = cache._path(shas[1])
+    bad.write_bytes(b"\x07junk bytes, not safetensors")
+    third = extract_features(lite0, images, shas=shas, cache=cache)
+    assert third.computed == 1
+    assert third.errors == {}
+    np.testing.assert_allclose(third.features, first.features, atol=1e-6)
+    assert cache.get(shas[1]) is not None
+
+    # an entry of the wrong size is not trusted either
+    cache.put(shas[2], np.zeros(7, dtype=np.float32))
+    fourth = extract_features(lite0, images, shas=shas, cache=cache)
+    assert fourth.computed == 1
+    np.testing.assert_allclose(fourth.features, first.features, atol=1e-6)
+
+
+def test_cache_entries_are_served_without_reading_the_image(lite0, images, tmp_path):
+    shas = [sha256_file(p) for p in images]
+    cache = FeatureCache(tmp_path / "cache", feature_key(lite0))
+    cache.put(shas[0], np.full(lite0.num_features, 3.0, dtype=np.float32))
+    result = extract_features(lite0, images[:1], shas=shas[:1], cache=cache)
+    assert result.computed == 0
+    assert np.all(result.features[0] == 3.0)
+
+
+def test_feature_key_separates_what_matters(lite0):
+    lite1 = create_backbone("efficientnet_lite1")
+    assert feature_key(lite0) != feature_key(lite1)
+    keys = {feature_key(lite0, view) for view in ("clean", "flip", "aug0", "aug1")}
+    assert len(keys) == 4
+    assert feature_key(lite0, "aug0", seed=0) != feature_key(lite0, "aug0", seed=1)
+    assert feature_key(lite0, "clean", seed=0) == feature_key(lite0, "clean", seed=1)
+    assert feature_key(lite0, "flip", seed=0) == feature_key(lite0, "flip", seed=1)
+    assert feature_key(lite0) == feature_key(lite0, "clean")  # stable
+
+
+def test_bad_files_are_reported_and_others_kept(lite0, images, tmp_path):
+    truncated = tmp_path / "truncated.jpg"
+    buf = tmp_path / "full.jpg"
+    _image(COLOURS[0], 99, size=(64, 48)).save(buf, quality=90)
+    truncated.write_bytes(buf.read_bytes()[:200])
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image\n")
+    missing = tmp_path / "missing.png"
+    paths = [images[0], truncated, images[1], text, missing, images[2]]
+
+    result = extract_features(lite0, paths, batch_size=4)
+    assert set(result.errors) == {1, 3, 4}
+    for i in (1, 3, 4):
+        assert isinstance(result.errors[i], str) and result.errors[i]
+        assert not result.features[i].any()
+    assert "not an image" in result.errors[3]
+    assert result.ok.tolist() == [True, False, True, False, False, True]
+    good = [0, 2, 5]
+    np.testing.assert_allclose(
+        result.features[good], _reference(lite0, [paths[i] for i in good]), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_bad_files_are_not_cached(lite0, images, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("nope")
+    cache = FeatureCache(tmp_path / "cache", feature_key(lite0))
+    paths = [images[0], text]
+    shas = [sha256_file(p) for p in paths]
+    result = extract_features(lite0, paths, shas=shas, cache=cache)
+    assert list(result.errors) == [1]
+    assert cache.get(shas[1]) is None
+    again = extract_features(lite0, paths, shas=shas, cache=cache)
+    assert again.computed == 0 and list(again.errors) == [1]  # re-read, still refused, never cached
+
+
+def test_random_views_are_reproducible(lite0, images):
+    paths = images[:3]
+    a0 = extract_features(lite0, paths, view="aug0", seed=7, workers=0, batch_size=2).features
+    a2 = extract_features(lite0, paths, view="aug0", seed=7, workers=2, batch_size=2).features
+    np.testing.assert_array_equal(a0, a2)
+    other_seed = extract_features(lite0, paths, view="aug0", seed=8, workers=0).features
+    other_view = extract_features(lite0, paths, view="aug1", seed=7, workers=0).features
+    clean = extract_features(lite0, paths, workers=0).features
+    for other in (other_seed, other_view, clean):
+        for i in range(len(paths)):
+            assert not np.allclose(a0[i], other[i], atol=1e-4)
+
+
+def test_flip_view_is_the_mirror_images_clean_view(lite0, images, tmp_path):
+    mirrored = []
+    for p in images[:2]:
+        out = tmp_path / f"mirror-{p.name}"
+        Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out)
+        mirrored.append(out)
+    flip = extract_features(lite0, images[:2], view="flip").features
+    clean_of_mirror = extract_features(lite0, mirrored).features
+    np.testing.assert_allclose(flip, clean_of_mirror, atol=1e-6)
+    clean = extract_features(lite0, images[:2]).features
+    assert not np.allclose(flip, clean, atol=1e-4)
+
+
+def test_unknown_view_is_refused(lite0):
+    with pytest.raises(ValueError):
+        build_transform(lite0.data_config, "sideways")
+
+
+def test_cache_is_used_even_without_known_hashes(tmp_path: Path) -> None:
+    """Without manifest hashes each file is hashed on read; a cached one skips the network."""
+    from PIL import Image
+
+    from florist.backbones import create_backbone
+    from florist.features import FeatureCache, extract_features, feature_key
+
+    paths = []
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), colour).save(path)
+        paths.append(path)
+    backbone = create_backbone("efficientnet_lite0")
+    cache = FeatureCache(tmp_path / "cache", feature_key(backbone))
+    first = extract_features(backbone, paths, cache=cache)
+    second = extract_features(backbone, paths, cache=cache)
+    assert (first.computed, second.computed) == (2, 0)
+    np.testing.assert_array_equal(first.features, second.features)
+
+
+def test_random_views_leave_the_callers_rng_alone(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from florist.backbones import create_backbone
+    from florist.features import extract_features
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (90, 20, 160)).save(path)
+    backbone = create_backbone("efficientnet_lite0")
+    torch.manual_seed(123)
+    extract_features(backbone, [path], view="aug0", workers=0)
+    assert torch.initial_seed() == 123
