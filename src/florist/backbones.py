@@ -94,11 +94,14 @@ class Backbone:
         spec: how to rebuild it.
         data_config: timm's preprocessing config (input_size, interpolation, mean, std,
             crop_pct, crop_mode).
+        tuned_id: hash of weights florist re-trained (tune-top/finetune); part of the
+            feature-cache key so features of a tuned network never mix with the original's.
     """
 
     model: nn.Module
     spec: BackboneSpec
     data_config: dict[str, Any]
+    tuned_id: str | None = None  # set when some of the weights were re-trained by florist
 
     @property
     def num_features(self) -> int:

@@ -25,6 +25,8 @@ from .files import atomic_write_bytes, atomic_write_json
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
+#: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``.
+BACKBONE_PREFIX = "backbone."
 
 
 @dataclass

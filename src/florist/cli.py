@@ -98,6 +98,14 @@ def prepare(
 def train(
     data_dir: Path = typer.Argument(..., help="Folder of class folders."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the model, metrics and logs."),
+    mode: Optional[str] = typer.Option(
+        None,
+        help="head: linear classifier on frozen features (about a minute on a CPU). "
+        "tune-top: also train the last --blocks backbone blocks on cached activations (more accurate, minutes). "
+        "[default: head]",
+    ),
+    blocks: int = typer.Option(4, help="tune-top: how many of the backbone's last blocks to train."),
+    backbone_lr: float = typer.Option(1e-3, help="tune-top: peak learning rate of the tuned blocks."),
     backbone: str = typer.Option(
         "efficientnet_lite0",
         help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME.",
@@ -105,7 +113,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: 15]."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 10]."),
     steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.005 adam, 0.01 sgd]."),
@@ -115,11 +123,15 @@ def train(
     decay_steps: int = typer.Option(100, help="Steps over which the LR is multiplied by --decay-rate."),
     batch_size: int = typer.Option(32, help="Examples per step."),
     dropout: float = typer.Option(0.0, help="Dropout on features before the classifier."),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing for the cross-entropy loss."),
+    label_smoothing: Optional[float] = typer.Option(
+        None, help="Label smoothing for the cross-entropy loss [default: head 0, tune-top 0.1]."
+    ),
     class_weights: Optional[str] = typer.Option(None, help="'balanced' to weight classes by inverse frequency."),
     weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
-    views: int = typer.Option(
-        1, help="Cached extra views per training image: 1 = its mirror; K > 1 adds K-1 random crops/colour jitter."
+    views: Optional[int] = typer.Option(
+        None,
+        help="Cached extra views per training image: 1 = its mirror; K > 1 adds K-1 random crops/colour jitter "
+        "[default: head 1, tune-top 3].",
     ),
     tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
     seed: int = Seed,
@@ -134,6 +146,9 @@ def train(
 
     _setup_logging(quiet)
     config = TrainConfig(
+        mode=mode,
+        blocks=blocks,
+        backbone_lr=backbone_lr,
         backbone=backbone,
         weights=str(weights) if weights else None,
         eval_fraction=eval_fraction,

@@ -127,10 +127,15 @@ def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int 
     return decode_image(data, draft_size=resize_size(data_config), **kwargs)
 
 
-def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0) -> str:
-    """Cache namespace for one backbone + weights + preprocessing + view (+ seed for random views)."""
+def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: str = "pooled") -> str:
+    """Cache namespace for one backbone + weights + preprocessing + view (+ seed for random views).
+
+    ``part`` names what is cached ("pooled" features, or e.g. "blocks-4" activations).
+    """
     payload = json.dumps(
         {
+            **({"part": part} if part != "pooled" else {}),
+            **({"tuned": backbone.tuned_id} if backbone.tuned_id else {}),
             **({"augment": AUGMENT, "seed": seed} if is_random_view(view) else {}),
             "version": FEATURE_VERSION,
             "timm_name": backbone.spec.timm_name,
@@ -246,8 +251,14 @@ def extract_features(
     batch_size: int = 64,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    network: torch.nn.Module | None = None,
+    out_shape: tuple[int, ...] | None = None,
+    dtype: type = np.float32,
 ) -> FeatureResult:
     """Pooled backbone features for ``paths``, reading and filling ``cache`` when given.
+
+    With ``network``/``out_shape``/``dtype`` the same machinery caches other outputs,
+    such as the fp16 activations entering the top blocks (see :mod:`florist.tune`).
 
     Args:
         backbone: from :func:`florist.backbones.create_backbone`.
@@ -262,14 +273,18 @@ def extract_features(
         batch_size: images per forward pass.
         workers: DataLoader worker processes for decoding (default: by data size).
         progress: ``progress(done, total)`` callback.
+        network: module run on the preprocessed batch (default: the whole backbone).
+        out_shape: shape of one image's output (default: ``(num_features,)``).
+        dtype: dtype of the returned and cached arrays.
     """
     paths = [str(p) for p in paths]
-    dim = backbone.num_features
-    features = np.zeros((len(paths), dim), dtype=np.float32)
+    network = network if network is not None else backbone.model
+    shape = tuple(out_shape) if out_shape else (backbone.num_features,)
+    features = np.zeros((len(paths), *shape), dtype=dtype)
     todo: list[int] = []
     for i, sha in enumerate(shas or [None] * len(paths)):
         cached = cache.get(sha) if (cache is not None and sha) else None
-        if cached is not None and cached.shape == (dim,):
+        if cached is not None and cached.shape == shape:
             features[i] = cached
         else:
             todo.append(i)
@@ -292,14 +307,14 @@ def extract_features(
             good = []
             for j, err in enumerate(batch_errors):
                 cached = cache.get(batch_shas[j]) if (cache is not None and not err) else None
-                if cached is not None and cached.shape == (dim,):
+                if cached is not None and cached.shape == shape:
                     features[todo[int(idx[j])]] = cached  # hash known only after reading the file
                 elif not err:
                     good.append(j)
             ran += len(good)
             if good:
                 x = images[good].to(device).contiguous(memory_format=torch.channels_last)
-                out = backbone.model(x).float().cpu().numpy()
+                out = network(x).float().cpu().numpy().astype(dtype)
                 for row, j in zip(out, good):
                     features[todo[int(idx[j])]] = row
                     if cache is not None:
@@ -321,20 +336,24 @@ def extract_views(
     shas: Sequence[str | None] | None = None,
     cache_root: str | Path | None = None,
     seed: int = 0,
+    part: str = "pooled",
     progress_for: Callable[[str], AbstractContextManager[ProgressFn]] | None = None,
+    **kwargs: Any,
 ) -> dict[str, FeatureResult]:
     """:func:`extract_features` for several views, each cached under its own key.
 
     Args:
         views: names from :func:`view_names` (or TTA views such as ``["clean", "flip"]``).
         cache_root: cache folder; None disables caching.
+        part: what is extracted, part of the cache key (see :func:`feature_key`).
         progress_for: given a view name, returns a context manager yielding a progress callback.
+        kwargs: passed on to :func:`extract_features` (``network``, ``out_shape``, ``dtype``...).
     """
     results = {}
     for view in views:
-        cache = FeatureCache(cache_root, feature_key(backbone, view, seed)) if cache_root else None
-        with (progress_for(view) if progress_for else nullcontext(None)) as bar:
+        cache = FeatureCache(cache_root, feature_key(backbone, view, seed, part)) if cache_root else None
+        with progress_for(view) if progress_for else nullcontext(None) as bar:
             results[view] = extract_features(
-                backbone, paths, shas=shas, cache=cache, view=view, seed=seed, progress=bar
+                backbone, paths, shas=shas, cache=cache, view=view, seed=seed, progress=bar, **kwargs
             )
     return results

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone
-from .bundle import Bundle, build_head, read_bundle
+from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
+from .errors import FloristError
+from .tune import state_id
 from .data import iter_paths
 from .features import FeatureResult, default_cache_dir, extract_views
 from .progress import ProgressFn
@@ -75,8 +77,15 @@ class Classifier:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "Classifier":
         backbone = create_backbone(spec=bundle.backbone)
+        tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
+        if tuned:
+            unknown = set(tuned) - set(backbone.model.state_dict())
+            if unknown:
+                raise FloristError(f"model.safetensors has backbone tensors this backbone lacks: {sorted(unknown)[:3]}")
+            backbone.model.load_state_dict(tuned, strict=False)
+            backbone.tuned_id = bundle.extra.get("tuned_id") or state_id(tuned)
         head = build_head(bundle.head)
-        head.load_state_dict(bundle.state)
+        head.load_state_dict({k: v for k, v in bundle.state.items() if not k.startswith(BACKBONE_PREFIX)})
         return cls(backbone, head, bundle.classes, tta_views=bundle.extra.get("tta_views", ["clean"]), bundle=bundle)
 
     @torch.inference_mode()

@@ -23,19 +23,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, create_backbone
-from .bundle import MODEL_JSON, Bundle, build_head, is_complete, save_bundle
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete, save_bundle
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
 from .errors import FloristError
 from .evaluate import compute_metrics
 from .features import FeatureResult, default_cache_dir, extract_views, view_names
+from .tune import TopConfig, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
 from .progress import ProgressFn, progress_bar
 
 log = logging.getLogger("florist")
 
-DEFAULT_EPOCHS = 15
+#: Mode used when none is given.
+DEFAULT_MODE = "head"
+#: Per-mode defaults for settings left as None, chosen on an inner validation split
+#: of the flower photos' training part (never on the eval split).
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "head": {"epochs": 15, "views": 1, "label_smoothing": 0.0},
+    "tune-top": {"epochs": 10, "views": 3, "label_smoothing": 0.1},
+}
+MODES = tuple(MODE_DEFAULTS)
 
 
 @dataclass
@@ -43,11 +52,17 @@ class TrainConfig:
     """Every setting of a training run; saved in ``model.json`` so a run can be repeated.
 
     Attributes:
+        mode: ``"head"`` (linear classifier on frozen features) or ``"tune-top"``
+            (also train the last ``blocks`` backbone blocks on cached activations).
+        blocks: tune-top only: how many of the backbone's last blocks to train.
+        backbone_lr: tune-top only: peak learning rate of the tuned blocks.
+        warmup: tune-top only: fraction of steps with a linear learning-rate warm-up
+            before the cosine decay.
         backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``.
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training features (default 15 when ``steps`` is not given).
+        epochs: passes over the training set (default per mode: head 15, tune-top 10).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
         lr: learning rate (default 0.005 for Adam, 0.01 for SGD).
@@ -56,15 +71,20 @@ class TrainConfig:
         decay_steps: see ``decay_rate``.
         batch_size: examples per step.
         dropout: dropout on the features before the linear layer.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (default per mode: head 0, tune-top 0.1).
         class_weights: ``"balanced"`` weights the loss by ``n / (classes * n_class)``.
         weight_decay: L2 penalty (decoupled for Adam as in AdamW).
         views: cached views per training image beyond the clean one: 1 adds its
             mirror image, K > 1 adds K - 1 random augmentations too (crop, flip, colour).
+            Default per mode: head 1, tune-top 3.
         tta: average the predictions of each image and its mirror at evaluation and prediction.
         seed: same seed + same data = same split and same weights.
     """
 
+    mode: str | None = None
+    blocks: int = 4
+    backbone_lr: float = 1e-3
+    warmup: float = 0.1
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     eval_fraction: float | None = 0.2
@@ -77,10 +97,10 @@ class TrainConfig:
     decay_steps: int = 100
     batch_size: int = 32
     dropout: float = 0.0
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     class_weights: Literal["balanced"] | None = None
     weight_decay: float = 0.0
-    views: int = 1
+    views: int | None = None
     tta: bool = True
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -94,12 +114,19 @@ class TrainConfig:
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (0.0 <= self.label_smoothing < 1.0, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (
+                self.label_smoothing is None or 0.0 <= self.label_smoothing < 1.0,
+                f"label smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (self.mode is None or self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.blocks >= 1, f"blocks must be >= 1, got {self.blocks}"),
+            (self.backbone_lr > 0, f"backbone lr must be > 0, got {self.backbone_lr}"),
+            (0.0 <= self.warmup < 1.0, f"warmup must be in [0, 1), got {self.warmup}"),
             (self.decay_rate is None or 0 < self.decay_rate <= 1, f"decay rate must be in (0, 1], got {self.decay_rate}"),
             (self.decay_steps >= 1, f"decay steps must be >= 1, got {self.decay_steps}"),
             (self.class_weights in (None, "balanced"), f"class weights must be 'balanced' or none, got {self.class_weights!r}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.views >= 0, f"views must be >= 0, got {self.views}"),
+            (self.views is None or self.views >= 0, f"views must be >= 0, got {self.views}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,6 +136,26 @@ class TrainConfig:
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (0.005 if self.optimizer == "adam" else 0.01)
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or DEFAULT_MODE
+
+    def _default(self, name: str) -> Any:
+        value = getattr(self, name)
+        return MODE_DEFAULTS[self.resolved_mode][name] if value is None else value
+
+    @property
+    def resolved_epochs(self) -> int:
+        return self._default("epochs")
+
+    @property
+    def resolved_views(self) -> int:
+        return self._default("views")
+
+    @property
+    def resolved_label_smoothing(self) -> float:
+        return self._default("label_smoothing")
 
     @property
     def tta_views(self) -> list[str]:
@@ -180,10 +227,10 @@ def fit_head(
     head_spec = {"type": "linear", "in_features": x.shape[1], "num_classes": num_classes, "dropout": cfg.dropout}
     head = build_head(head_spec)
     weight = class_weight_vector(train_y, num_classes) if cfg.class_weights == "balanced" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.resolved_label_smoothing)
     opt, schedule = _make_optimizer(head, cfg)
     steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
-    total = cfg.steps or steps_per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
+    total = cfg.steps or steps_per_epoch * cfg.resolved_epochs
     generator = torch.Generator().manual_seed(cfg.seed)
     history = History()
     step = 0
@@ -320,11 +367,100 @@ def train(
     for message in prepared.warnings:
         log.warning(message)
 
-    t = time.perf_counter()
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    wanted = {"train": view_names(cfg.views), "eval": cfg.tta_views}
-    features: dict[str, dict[str, np.ndarray]] = {}
+    t = time.perf_counter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(out / "tb")) as writer:
+        fitted = (_fit_tune_top if cfg.resolved_mode == "tune-top" else _fit_head_mode)(
+            backbone, prepared, cfg, cache_root, writer, verbose, timings
+        )
+    prepared = Prepared(prepared.classes, fitted.train, fitted.eval, prepared.skipped, prepared.warnings)
+    write_manifests(out, prepared)
+    if prepared.skipped:
+        log.warning("%d file(s) skipped, listed in %s", len(prepared.skipped), out / "skipped.csv")
+
+    if fitted.backbone_state:
+        backbone.tuned_id = state_id(fitted.backbone_state)
+    model = Classifier(backbone, fitted.head, prepared.classes, tta_views=cfg.tta_views)
+    metrics: dict[str, Any] = {
+        "mode": cfg.resolved_mode,
+        "n_train": len(fitted.train),
+        "n_eval": len(fitted.eval),
+        "views": view_names(cfg.resolved_views),
+    }
+    eval_y = np.array([it.label for it in fitted.eval], dtype=np.int64)
+    if len(eval_y):
+        metrics.update(compute_metrics(eval_y, fitted.eval_probs, prepared.classes))
+    metrics["train_top1"] = fitted.history["train_top1"][-1]
+    metrics["features_computed"] = fitted.computed
+    metrics["n_skipped"] = len(prepared.skipped)
+    timings["total_s"] = time.perf_counter() - started
+    metrics["timings"] = timings
+    metrics["history"] = fitted.history
+    atomic_write_json(out / "metrics.json", metrics)
+
+    head_spec = {
+        "type": "linear",
+        "in_features": backbone.num_features,
+        "num_classes": len(prepared.classes),
+        "dropout": cfg.dropout,
+    }
+    state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
+    bundle = Bundle(
+        classes=prepared.classes,
+        backbone=backbone.spec,
+        data_config=backbone.data_config,
+        head=head_spec,
+        state=state,
+        extra={
+            "tta_views": cfg.tta_views,
+            "tuned_id": backbone.tuned_id,
+            "train_config": asdict(cfg),
+            "florist_version": _version(),
+        },
+    )
+    save_bundle(out, bundle)  # model.json last: the run is complete from here on
+    model.bundle = bundle
+    if verbose:
+        top1 = metrics.get("top1")
+        log.info(
+            "%s: trained on %d images (%d classes) in %.1fs; eval top-1 %s",
+            cfg.resolved_mode,
+            len(fitted.train),
+            len(prepared.classes),
+            timings["total_s"],
+            f"{top1:.2%} on {len(eval_y)} images" if top1 is not None else "n/a (no eval split)",
+        )
+    return model
+
+
+@dataclass
+class _Fitted:
+    """What a training mode hands back to :func:`train`."""
+
+    head: nn.Module
+    history: dict[str, list[float]]
+    train: list[Item]  # images actually used (failed ones removed)
+    eval: list[Item]
+    eval_probs: np.ndarray  # TTA-averaged probabilities on ``eval``
+    computed: int  # images that went through the network (cache misses)
+    backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned backbone tensors
+
+
+def _extract_splits(
+    backbone: Backbone,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    cache_root: Path,
+    verbose: bool,
+    part: str = "pooled",
+    **kwargs: Any,
+) -> tuple[dict[str, list[Item]], dict[str, dict[str, np.ndarray]], int]:
+    """Cached outputs for every training view and every test-time view of the eval split."""
+    wanted = {"train": view_names(cfg.resolved_views), "eval": cfg.tta_views}
     kept: dict[str, list[Item]] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
     computed = 0
     for split_name, items in (("train", prepared.train), ("eval", prepared.eval)):
         views = extract_views(
@@ -334,68 +470,105 @@ def train(
             shas=[it.sha256 for it in items],
             cache_root=cache_root,
             seed=cfg.seed,
+            part=part,
             progress_for=lambda view, n=split_name, k=bool(items): progress_bar(
-                f"Features ({n}, {view})", enabled=verbose and k
+                f"{'Features' if part == 'pooled' else 'Activations'} ({n}, {view})", enabled=verbose and k
             ),
+            **kwargs,
         )
         computed += sum(r.computed for r in views.values())
-        kept[split_name], features[split_name], failed = _drop_failed(items, views)
+        kept[split_name], outputs[split_name], failed = _drop_failed(items, views)
         prepared.skipped.extend(failed)
-    timings["features_s"] = time.perf_counter() - t
-    prepared = Prepared(prepared.classes, kept["train"], kept["eval"], prepared.skipped, prepared.warnings)
-    write_manifests(out, prepared)
-    if prepared.skipped:
-        log.warning("%d file(s) skipped, listed in %s", len(prepared.skipped), out / "skipped.csv")
+    return kept, outputs, computed
 
-    train_views = wanted["train"]
-    train_x = np.concatenate([features["train"][v] for v in train_views])
-    train_y = np.tile(np.array([it.label for it in kept["train"]], dtype=np.int64), len(train_views))
-    eval_x = [features["eval"][v] for v in cfg.tta_views]
-    eval_y = np.array([it.label for it in kept["eval"]], dtype=np.int64)
+
+def _labels(items: list[Item], repeat: int = 1) -> np.ndarray:
+    return np.tile(np.array([it.label for it in items], dtype=np.int64), repeat)
+
+
+def _fit_head_mode(
+    backbone: Backbone, prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
+    timings: dict[str, float],
+) -> _Fitted:
+    """Head mode: a linear classifier on cached pooled features of every view."""
     t = time.perf_counter()
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=str(out / "tb")) as writer, progress_bar(
-        "Training head", enabled=verbose, unit="steps"
-    ) as bar:
+    kept, feats, computed = _extract_splits(backbone, prepared, cfg, cache_root, verbose)
+    timings["features_s"] = time.perf_counter() - t
+    views = view_names(cfg.resolved_views)
+    eval_x = [feats["eval"][v] for v in cfg.tta_views]
+    t = time.perf_counter()
+    with progress_bar("Training head", enabled=verbose, unit="steps") as bar:
         head, history = fit_head(
-            train_x, train_y, len(prepared.classes), cfg, eval_x=eval_x, eval_y=eval_y, writer=writer, progress=bar
+            np.concatenate([feats["train"][v] for v in views]),
+            _labels(kept["train"], len(views)),
+            len(prepared.classes),
+            cfg,
+            eval_x=eval_x,
+            eval_y=_labels(kept["eval"]),
+            writer=writer,
+            progress=bar,
         )
     timings["train_s"] = time.perf_counter() - t
+    probe = Classifier(backbone, head, prepared.classes, tta_views=cfg.tta_views)
+    eval_probs = np.mean([probe.probabilities_from_features(x) for x in eval_x], axis=0)
+    return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed)
 
-    model = Classifier(backbone, head, prepared.classes, tta_views=cfg.tta_views)
-    metrics: dict[str, Any] = {"n_train": len(kept["train"]), "n_eval": len(kept["eval"]), "views": train_views}
-    if len(eval_y):
-        eval_probs = np.mean([model.probabilities_from_features(x) for x in eval_x], axis=0)
-        metrics.update(compute_metrics(eval_y, eval_probs, prepared.classes))
-    metrics["train_top1"] = history.train_top1[-1]
-    metrics["features_computed"] = computed
-    metrics["n_skipped"] = len(prepared.skipped)
-    timings["total_s"] = time.perf_counter() - started
-    metrics["timings"] = timings
-    metrics["history"] = asdict(history)
-    atomic_write_json(out / "metrics.json", metrics)
 
-    bundle = Bundle(
-        classes=prepared.classes,
-        backbone=backbone.spec,
-        data_config=backbone.data_config,
-        head={"type": "linear", "in_features": backbone.num_features, "num_classes": len(prepared.classes), "dropout": cfg.dropout},
-        state=head.state_dict(),
-        extra={"tta_views": cfg.tta_views, "train_config": asdict(cfg), "florist_version": _version()},
+def _fit_tune_top(
+    backbone: Backbone, prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
+    timings: dict[str, float],
+) -> _Fitted:
+    """tune-top mode: train the last blocks and a new head on cached activations."""
+    split = split_backbone(backbone, cfg.blocks)
+    t = time.perf_counter()
+    kept, acts, computed = _extract_splits(
+        backbone,
+        prepared,
+        cfg,
+        cache_root,
+        verbose,
+        part=f"blocks-{cfg.blocks}",
+        network=split.bottom,
+        out_shape=split.activation_shape,
+        dtype=np.float16,
     )
-    save_bundle(out, bundle)  # model.json last: the run is complete from here on
-    model.bundle = bundle
-    if verbose:
-        top1 = metrics.get("top1")
-        log.info(
-            "trained on %d images (%d classes) in %.1fs; eval top-1 %s",
-            len(kept["train"]),
-            len(prepared.classes),
-            timings["total_s"],
-            f"{top1:.2%} on {len(eval_y)} images" if top1 is not None else "n/a (no eval split)",
+    timings["features_s"] = time.perf_counter() - t
+    views = view_names(cfg.resolved_views)
+    train_y = _labels(kept["train"], len(views))
+    torch.manual_seed(cfg.seed)
+    head = build_head(
+        {"type": "linear", "in_features": backbone.num_features, "num_classes": len(prepared.classes), "dropout": cfg.dropout}
+    )
+    top_cfg = TopConfig(
+        epochs=cfg.resolved_epochs,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr_head=cfg.resolved_lr,
+        lr_top=cfg.backbone_lr,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.resolved_label_smoothing,
+        warmup=cfg.warmup,
+        seed=cfg.seed,
+        class_weights=class_weight_vector(train_y, len(prepared.classes)) if cfg.class_weights else None,
+    )
+    eval_acts = [acts["eval"][v] for v in cfg.tta_views]
+    t = time.perf_counter()
+    with progress_bar("Tuning top blocks", enabled=verbose, unit="steps") as bar:
+        history = fit_top(
+            split,
+            head,
+            np.concatenate([acts["train"][v] for v in views]),
+            train_y,
+            top_cfg,
+            eval_acts=eval_acts,
+            eval_y=_labels(kept["eval"]),
+            writer=writer,
+            progress=bar,
         )
-    return model
+    timings["train_s"] = time.perf_counter() - t
+    eval_probs = evaluate_top(split.top, head, eval_acts) if len(kept["eval"]) else np.zeros((0, len(prepared.classes)))
+    state = tuned_state(backbone.model, split.top_prefixes)
+    return _Fitted(head, history, kept["train"], kept["eval"], eval_probs, computed, state)
 
 
 def _version() -> str:

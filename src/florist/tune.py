@@ -1,0 +1,224 @@
+"""Top-block tuning from cached activations (``--mode tune-top``).
+
+A frozen backbone tops out near 91-92% on flowers whatever the head, so the
+gains must come from adapting the top of the network. Fine-tuning the whole
+network on a CPU means running every image through every layer at every step.
+tune-top splits the backbone in two: the frozen *bottom* runs once per image
+and view, its output (the activations entering the last ``N`` blocks, a small
+7x7 map for EfficientNet-Lite) is cached in fp16, and only the *top* (those
+``N`` blocks, the final 1x1 convolution and a new linear head) is trained, for
+many epochs, on the cached activations.
+
+Batch-norm layers in the top keep their ImageNet running statistics (eval mode)
+while their scale and shift are trained: batches of 32 flower photos would give
+noisy statistics, and the frozen bottom's outputs are distributed as in ImageNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .errors import FloristError
+from .progress import ProgressFn
+
+
+@dataclass
+class SplitBackbone:
+    """A backbone cut before its last ``blocks`` blocks.
+
+    Attributes:
+        bottom: frozen stem and first blocks (image -> activations).
+        top: last blocks + final conv + pooling (activations -> pooled features);
+            its modules are the backbone's own, so training ``top`` tunes the backbone.
+        top_prefixes: state-dict name prefixes of the tuned modules.
+        activation_shape: ``(C, H, W)`` of one image's cached activations.
+    """
+
+    bottom: nn.Module
+    top: nn.Module
+    top_prefixes: list[str]
+    activation_shape: tuple[int, int, int]
+
+
+class _Top(nn.Sequential):
+    """Last blocks, final 1x1 conv + BN/act, global pooling, flattened."""
+
+
+def _named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's blocks in order, with their state-dict names (``blocks.5.1``)."""
+    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
+    if not all(hasattr(model, name) for name in needed):
+        raise FloristError(
+            f"--mode tune-top supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
+            f"timm efficientnet_*, mobilenetv2/3), not {type(model).__name__}; use --mode head"
+        )
+    return [(f"blocks.{i}.{j}", block) for i, stage in enumerate(model.blocks) for j, block in enumerate(stage)]
+
+
+def split_backbone(backbone: Backbone, blocks: int) -> SplitBackbone:
+    """Cut ``backbone`` so the last ``blocks`` blocks (plus the final conv) can be trained.
+
+    Raises:
+        FloristError: unsupported architecture or an out-of-range ``blocks``.
+    """
+    model = backbone.model
+    named = _named_blocks(model)
+    if not 1 <= blocks <= len(named):
+        raise FloristError(f"--blocks must be between 1 and {len(named)} for {backbone.spec.name}, got {blocks}")
+    cut = len(named) - blocks
+    bottom = nn.Sequential(model.conv_stem, model.bn1, *(b for _, b in named[:cut])).eval()
+    top = _Top(*(b for _, b in named[cut:]), model.conv_head, model.bn2, model.global_pool)
+    with torch.inference_mode():
+        probe = torch.zeros(1, *backbone.data_config["input_size"])
+        shape = tuple(bottom(probe).shape[1:])
+    prefixes = [f"{name}." for name, _ in named[cut:]] + ["conv_head.", "bn2."]
+    return SplitBackbone(bottom, top, prefixes, shape)  # type: ignore[arg-type]
+
+
+def tuned_state(model: nn.Module, prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the tuned modules, by their names in the full backbone."""
+    return {k: v for k, v in model.state_dict().items() if any(k.startswith(p) for p in prefixes)}
+
+
+def state_id(state: dict[str, torch.Tensor]) -> str:
+    """A short content hash of tensors, used to key caches of a tuned backbone."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _freeze_bn_stats(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@dataclass
+class TopConfig:
+    """Hyperparameters of top-block training (filled from :class:`florist.train.TrainConfig`)."""
+
+    epochs: int
+    steps: int | None  # overrides epochs when set
+    batch_size: int
+    lr_head: float
+    lr_top: float
+    weight_decay: float
+    label_smoothing: float
+    warmup: float  # fraction of steps spent warming up
+    seed: int
+    class_weights: torch.Tensor | None = None
+
+
+def _probabilities(top: nn.Module, head: nn.Module, acts: np.ndarray, batch: int = 256) -> torch.Tensor:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(acts), batch):
+            x = torch.as_tensor(acts[i : i + batch]).float().contiguous(memory_format=torch.channels_last)
+            out.append(head(top(x)).softmax(1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate_top(top: nn.Module, head: nn.Module, views: Sequence[np.ndarray]) -> np.ndarray:
+    """Probabilities averaged over test-time views of cached activations."""
+    top.eval()
+    head.eval()
+    return (sum(_probabilities(top, head, v) for v in views) / len(views)).numpy()
+
+
+def fit_top(
+    split: SplitBackbone,
+    head: nn.Module,
+    train_acts: np.ndarray,
+    train_y: np.ndarray,
+    cfg: TopConfig,
+    *,
+    eval_acts: Sequence[np.ndarray] = (),
+    eval_y: np.ndarray | None = None,
+    writer: Any = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, list[float]]:
+    """Train ``split.top`` and ``head`` together on cached activations, in place.
+
+    AdamW with a smaller learning rate for the pretrained blocks than for the new
+    head, linear warm-up then cosine decay, label smoothing, frozen BN statistics.
+    Deterministic for a given ``cfg.seed``.
+
+    Returns:
+        Per-epoch curves: ``step``, ``loss``, ``train_top1``, ``eval_top1``, ``lr``.
+    """
+    top = split.top
+    for p in top.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.seed)
+    y = torch.as_tensor(train_y, dtype=torch.long)
+    opt = torch.optim.AdamW(
+        [{"params": top.parameters(), "lr": cfg.lr_top}, {"params": head.parameters(), "lr": cfg.lr_head}],
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    warm = max(1, int(cfg.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    curves: dict[str, list[float]] = {k: [] for k in ("step", "loss", "train_top1", "eval_top1", "lr")}
+    step = 0
+    while step < total:
+        top.train()
+        head.train()
+        _freeze_bn_stats(top)
+        losses, correct = [], 0
+        for batch in torch.randperm(len(y), generator=generator).split(cfg.batch_size):
+            if step >= total:
+                break
+            x = torch.as_tensor(train_acts[batch.numpy()]).float().contiguous(memory_format=torch.channels_last)
+            logits = head(top(x))
+            loss = loss_fn(logits, y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == y[batch]).sum())
+            if progress:
+                progress(step, total)
+        eval_top1 = float("nan")
+        if len(eval_acts) and eval_y is not None and len(eval_y):
+            eval_top1 = float(np.mean(evaluate_top(top, head, eval_acts).argmax(1) == eval_y))
+        for key, value in (
+            ("step", step),
+            ("loss", float(np.mean(losses))),
+            ("train_top1", correct / max(1, min(len(y), len(losses) * cfg.batch_size))),
+            ("eval_top1", eval_top1),
+            ("lr", opt.param_groups[1]["lr"]),
+        ):
+            curves[key].append(value)
+        if writer is not None:
+            writer.add_scalar("loss/train", curves["loss"][-1], step)
+            writer.add_scalar("top1/train", curves["train_top1"][-1], step)
+            writer.add_scalar("lr", curves["lr"][-1], step)
+            if not math.isnan(eval_top1):
+                writer.add_scalar("top1/eval", eval_top1, step)
+    top.eval()
+    head.eval()
+    for p in top.parameters():
+        p.requires_grad_(False)
+    return curves

@@ -1,0 +1,96 @@
+"""tune-top: splitting the backbone, training the top on cached activations, saving and reloading it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import florist
+from florist import FloristError
+from florist.backbones import Backbone, BackboneSpec, create_backbone
+from florist.features import feature_key
+from florist.tune import TopConfig, fit_top, split_backbone
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return create_backbone("efficientnet_lite0")
+
+
+def test_bottom_then_top_equals_the_whole_backbone(lite0: Backbone) -> None:
+    split = split_backbone(lite0, 4)
+    assert split.activation_shape == (192, 7, 7)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        whole = lite0.model(x)
+        parts = split.top(split.bottom(x))
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    assert "blocks.5.1." in split.top_prefixes and "conv_head." in split.top_prefixes
+    assert "blocks.5.0." not in split.top_prefixes
+
+
+def test_block_count_is_checked(lite0: Backbone) -> None:
+    with pytest.raises(FloristError, match="between 1 and 16"):
+        split_backbone(lite0, 17)
+
+
+def test_unsupported_architecture_is_a_clear_error() -> None:
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    backbone = Backbone(model, BackboneSpec("resnet18", "resnet18", "file", "x"), {"input_size": [3, 64, 64]})
+    with pytest.raises(FloristError, match="--mode head"):
+        split_backbone(backbone, 2)
+
+
+def test_fit_top_learns_and_keeps_bn_statistics() -> None:
+    backbone = create_backbone("efficientnet_lite0")
+    split = split_backbone(backbone, 1)
+    bn = backbone.model.bn2
+    mean_before = bn.running_mean.clone()
+    rng = np.random.default_rng(0)
+    images = torch.zeros(2, 3, 224, 224)
+    images[0, 0] = 1.0  # red
+    images[1, 2] = 1.0  # blue
+    with torch.inference_mode():
+        base = split.bottom(images).numpy()
+    acts = np.concatenate([base[i] + rng.normal(0, 0.05, (12, *split.activation_shape)) for i in range(2)])
+    acts = acts.astype(np.float16)
+    y = np.repeat([0, 1], 12)
+    head = torch.nn.Sequential()
+    head.add_module("fc", torch.nn.Linear(backbone.num_features, 2))
+    before = backbone.model.conv_head.weight.clone()
+    cfg = TopConfig(epochs=4, steps=None, batch_size=8, lr_head=0.01, lr_top=1e-3, weight_decay=0.0,
+                    label_smoothing=0.0, warmup=0.1, seed=0)
+    curves = fit_top(split, head, acts, y, cfg, eval_acts=[acts], eval_y=y)
+    assert curves["eval_top1"][-1] == 1.0
+    assert curves["step"][-1] == 4 * 3
+    assert not torch.equal(backbone.model.conv_head.weight, before)  # the top really trained
+    torch.testing.assert_close(bn.running_mean, mean_before)  # statistics frozen
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+def test_tune_top_run_saves_and_reloads_the_tuned_blocks(photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    model = florist.train(photos, run, mode="tune-top", blocks=2, epochs=8, views=1)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["mode"] == "tune-top" and metrics["top1"] == 1.0
+    state = load_file(str(run / "model.safetensors"))
+    tuned = sorted(k for k in state if k.startswith("backbone."))
+    assert tuned and all(k.startswith(("backbone.blocks.5.3.", "backbone.blocks.6.0.", "backbone.conv_head.", "backbone.bn2.")) for k in tuned)
+    base = create_backbone("efficientnet_lite0")
+    assert not torch.equal(state["backbone.conv_head.weight"], base.model.conv_head.weight)
+
+    loaded = florist.load(run)
+    assert loaded.backbone.tuned_id == model.backbone.tuned_id is not None
+    assert feature_key(loaded.backbone) != feature_key(base)  # never mixes cached features
+    files = sorted((photos / "red").iterdir())[:3]
+    a, _ = model.predict_proba(files)
+    b, _ = loaded.predict_proba(files)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert florist.evaluate(run)["top1"] == metrics["top1"]
