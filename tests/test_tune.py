@@ -94,3 +94,10 @@ def test_tune_top_run_saves_and_reloads_the_tuned_blocks(photos: Path, tmp_path:
     b, _ = loaded.predict_proba(files)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert florist.evaluate(run)["top1"] == metrics["top1"]
+
+
+def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path) -> None:
+    florist.train(photos, tmp_path / "run", mode="tune-top", blocks=1, epochs=8, views=1, precision="bf16")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["top1"] == 1.0
+    assert metrics["history"]["loss"][-1] < metrics["history"]["loss"][0]

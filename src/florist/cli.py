@@ -106,6 +106,7 @@ def train(
     ),
     blocks: int = typer.Option(4, help="tune-top: how many of the backbone's last blocks to train."),
     backbone_lr: float = typer.Option(1e-3, help="tune-top: peak learning rate of the tuned blocks."),
+    precision: str = typer.Option("auto", help="tune-top: bf16, fp32, or auto (bf16 where the CPU supports it)."),
     backbone: str = typer.Option(
         "efficientnet_lite0",
         help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME.",
@@ -149,6 +150,7 @@ def train(
         mode=mode,
         blocks=blocks,
         backbone_lr=backbone_lr,
+        precision=precision,
         backbone=backbone,
         weights=str(weights) if weights else None,
         eval_fraction=eval_fraction,

@@ -29,7 +29,7 @@ from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_ma
 from .errors import FloristError
 from .evaluate import compute_metrics
 from .features import FeatureResult, default_cache_dir, extract_views, view_names
-from .tune import TopConfig, evaluate_top, fit_top, split_backbone, state_id, tuned_state
+from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
 from .progress import ProgressFn, progress_bar
@@ -58,6 +58,8 @@ class TrainConfig:
         backbone_lr: tune-top only: peak learning rate of the tuned blocks.
         warmup: tune-top only: fraction of steps with a linear learning-rate warm-up
             before the cosine decay.
+        precision: tune-top only: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where
+            the CPU has native bfloat16 support).
         backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``.
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
@@ -85,6 +87,7 @@ class TrainConfig:
     blocks: int = 4
     backbone_lr: float = 1e-3
     warmup: float = 0.1
+    precision: str = "auto"
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     eval_fraction: float | None = 0.2
@@ -122,6 +125,7 @@ class TrainConfig:
             (self.blocks >= 1, f"blocks must be >= 1, got {self.blocks}"),
             (self.backbone_lr > 0, f"backbone lr must be > 0, got {self.backbone_lr}"),
             (0.0 <= self.warmup < 1.0, f"warmup must be in [0, 1), got {self.warmup}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.decay_rate is None or 0 < self.decay_rate <= 1, f"decay rate must be in (0, 1], got {self.decay_rate}"),
             (self.decay_steps >= 1, f"decay steps must be >= 1, got {self.decay_steps}"),
             (self.class_weights in (None, "balanced"), f"class weights must be 'balanced' or none, got {self.class_weights!r}"),
@@ -550,6 +554,7 @@ def _fit_tune_top(
         warmup=cfg.warmup,
         seed=cfg.seed,
         class_weights=class_weight_vector(train_y, len(prepared.classes)) if cfg.class_weights else None,
+        bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast()),
     )
     eval_acts = [acts["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()

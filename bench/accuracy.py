@@ -1,0 +1,124 @@
+"""Accuracy and wall time of each training mode on the flower photos, measured in one run.
+
+Protocol: the shared flower photos (``../shared/data/flower_photos``), a fixed
+stratified 80/20 split with seed 0, top-1 on the 300 held-out photos. Every run
+starts with an empty feature cache, so its wall time is the cold, end-to-end
+cost (image checks, features or activations, training, metrics). Defaults were
+chosen beforehand on an inner validation split of the training part only.
+
+Writes ``bench/results/accuracy.json`` and refreshes the results table in
+README.md between its ``accuracy-table`` markers.
+
+    python bench/accuracy.py                 # all configurations
+    python bench/accuracy.py --only head     # just the runs whose name starts with "head"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import florist
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "flower_photos"
+
+#: name -> TrainConfig overrides. The first of each mode is its default setting.
+CONFIGS: dict[str, dict] = {
+    "head": {"mode": "head"},
+    "head, no views/TTA": {"mode": "head", "views": 0, "tta": False},
+    "head, 3 views": {"mode": "head", "views": 3},
+    "tune-top": {"mode": "tune-top"},
+}
+
+
+def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
+    """Train cold (empty cache) and return the figures for one configuration."""
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    out = work / re.sub(r"\W+", "-", name)
+    started = time.perf_counter()
+    florist.train(data, out, cache_dir=cache, overwrite=True, **overrides)
+    wall = time.perf_counter() - started
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = json.loads((out / "model.json").read_text())["train_config"]
+    return {
+        "name": name,
+        "mode": metrics["mode"],
+        "backbone": cfg["backbone"],
+        "views": len(metrics["views"]),
+        "tta": cfg["tta"],
+        "epochs": len(metrics["history"]["step"]),  # one history point per epoch
+        "steps": metrics["history"]["step"][-1],
+        "optimizer": cfg["optimizer"],
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "n_train": metrics["n_train"],
+        "n_eval": metrics["n_eval"],
+        "wall_s": round(wall, 1),
+        "timings": metrics["timings"],
+    }
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table like the original project's results table."""
+    lines = [
+        "| mode | backbone | views | TTA | epochs | steps | optimizer | top-1 | cold wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['backbone']} | {r['views']} | {'flip' if r['tta'] else 'no'} | {r['epochs']} "
+            f"| {r['steps']} | {r['optimizer']} | {r['top1']:.2%} | {r['wall_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(text: str, readme: Path) -> None:
+    start, end = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
+    content = readme.read_text()
+    if start not in content:
+        return
+    before, rest = content.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--only", default="", help="run only configurations whose name starts with this")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.json")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"data not found: {args.data}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="florist-bench-") as tmp:
+        for name, overrides in CONFIGS.items():
+            if name.startswith(args.only):
+                results.append(run_one(name, overrides, args.data, Path(tmp)))
+                print(json.dumps(results[-1]), flush=True)
+    report = {
+        "protocol": "stratified 80/20 split, seed 0, cold cache; top-1 on the held-out 20%",
+        "data": str(args.data),
+        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "florist_version": florist.__version__,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.only:
+        update_readme(table(results), ROOT / "README.md")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
