@@ -68,8 +68,8 @@ def test_fit_top_learns_and_keeps_bn_statistics() -> None:
     cfg = TopConfig(epochs=4, steps=None, batch_size=8, lr_head=0.01, lr_top=1e-3, weight_decay=0.0,
                     label_smoothing=0.0, warmup=0.1, seed=0)
     curves = fit_top(split, head, acts, y, cfg, eval_acts=[acts], eval_y=y)
-    assert curves["eval_top1"][-1] == 1.0
-    assert curves["step"][-1] == 4 * 3
+    assert curves.eval_top1[-1] == 1.0
+    assert curves.step[-1] == 4 * 3
     assert not torch.equal(backbone.model.conv_head.weight, before)  # the top really trained
     torch.testing.assert_close(bn.running_mean, mean_before)  # statistics frozen
     assert not any(p.requires_grad for p in backbone.model.parameters())

@@ -32,6 +32,7 @@ from .features import FeatureResult, default_cache_dir, extract_views, view_name
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
+from .loop import History, run_steps
 from .progress import ProgressFn, progress_bar
 
 log = logging.getLogger("florist")
@@ -172,17 +173,6 @@ class TrainConfig:
         return 1.0 if self.optimizer == "adam" else 0.9
 
 
-@dataclass
-class History:
-    """Per-epoch training curves (also written to TensorBoard)."""
-
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    train_top1: list[float] = field(default_factory=list)
-    eval_top1: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-
-
 def class_weight_vector(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """scikit-learn's "balanced" weights: ``n / (num_classes * count_c)`` (0 for absent classes)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -233,64 +223,32 @@ def fit_head(
     weight = class_weight_vector(train_y, num_classes) if cfg.class_weights == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.resolved_label_smoothing)
     opt, schedule = _make_optimizer(head, cfg)
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
-    total = cfg.steps or steps_per_epoch * cfg.resolved_epochs
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history = History()
-    step = 0
-    while step < total:
-        head.train()
-        losses, correct, seen = [], 0, 0
-        for batch in torch.randperm(len(y), generator=generator).split(cfg.batch_size):
-            if step >= total:
-                break
-            logits = head(x[batch])
-            loss = loss_fn(logits, y[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            step += 1
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y[batch]).sum())
-            seen += len(batch)
-            if progress:
-                progress(step, total)
-        _record(history, writer, head, step, losses, correct / seen, opt, eval_x, eval_y)
-    head.eval()
-    return head, history
+    total = cfg.steps or math.ceil(len(y) / cfg.batch_size) * cfg.resolved_epochs
 
-
-def _record(
-    history: History,
-    writer: Any,
-    head: nn.Module,
-    step: int,
-    losses: list[float],
-    train_top1: float,
-    opt: torch.optim.Optimizer,
-    eval_x: Sequence[np.ndarray],
-    eval_y: np.ndarray | None,
-) -> None:
-    """Append one point to the curves and TensorBoard."""
-    lr = opt.param_groups[0]["lr"]
-    history.step.append(step)
-    history.loss.append(float(np.mean(losses)) if losses else float("nan"))
-    history.train_top1.append(train_top1)
-    history.lr.append(lr)
-    eval_top1 = float("nan")
-    if len(eval_x) and len(eval_x[0]):
+    def evaluate() -> float:
+        if not (len(eval_x) and len(eval_x[0])):
+            return float("nan")
         head.eval()
         with torch.inference_mode():
-            probs = sum(head(torch.as_tensor(x, dtype=torch.float32)).softmax(1) for x in eval_x)
-        eval_top1 = float(np.mean(probs.argmax(1).numpy() == eval_y))
-    history.eval_top1.append(eval_top1)
-    if writer is not None:
-        writer.add_scalar("loss/train", history.loss[-1], step)
-        writer.add_scalar("lr", lr, step)
-        writer.add_scalar("top1/train", train_top1, step)
-        if not math.isnan(eval_top1):
-            writer.add_scalar("top1/eval", eval_top1, step)
+            probs = sum(head(torch.as_tensor(v, dtype=torch.float32)).softmax(1) for v in eval_x)
+        return float(np.mean(probs.argmax(1).numpy() == eval_y))
+
+    history = run_steps(
+        lambda batch: head(x[batch]),
+        y,
+        total_steps=total,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        schedule=schedule,
+        train_mode=head.train,
+        evaluate=evaluate,
+        writer=writer,
+        progress=progress,
+    )
+    head.eval()
+    return head, history
 
 
 # ---------------------------------------------------------------------------
@@ -573,7 +531,7 @@ def _fit_tune_top(
     timings["train_s"] = time.perf_counter() - t
     eval_probs = evaluate_top(split.top, head, eval_acts) if len(kept["eval"]) else np.zeros((0, len(prepared.classes)))
     state = tuned_state(backbone.model, split.top_prefixes)
-    return _Fitted(head, history, kept["train"], kept["eval"], eval_probs, computed, state)
+    return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, state)
 
 
 def _version() -> str:

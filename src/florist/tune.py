@@ -28,6 +28,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import FloristError
+from .loop import History, run_steps
 from .progress import ProgressFn
 
 
@@ -160,7 +161,7 @@ def fit_top(
     eval_y: np.ndarray | None = None,
     writer: Any = None,
     progress: ProgressFn | None = None,
-) -> dict[str, list[float]]:
+) -> History:
     """Train ``split.top`` and ``head`` together on cached activations, in place.
 
     AdamW with a smaller learning rate for the pretrained blocks than for the new
@@ -168,7 +169,7 @@ def fit_top(
     Deterministic for a given ``cfg.seed``.
 
     Returns:
-        Per-epoch curves: ``step``, ``loss``, ``train_top1``, ``eval_top1``, ``lr``.
+        Per-epoch curves.
     """
     top = split.top
     for p in top.parameters():
@@ -190,49 +191,38 @@ def fit_top(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    curves: dict[str, list[float]] = {k: [] for k in ("step", "loss", "train_top1", "eval_top1", "lr")}
-    step = 0
-    while step < total:
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(train_acts[batch.numpy()]).float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            return head(top(x))
+
+    def train_mode() -> None:
         top.train()
         head.train()
         _freeze_bn_stats(top)
-        losses, correct = [], 0
-        for batch in torch.randperm(len(y), generator=generator).split(cfg.batch_size):
-            if step >= total:
-                break
-            x = torch.as_tensor(train_acts[batch.numpy()]).float().contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = head(top(x)).float()
-            loss = loss_fn(logits, y[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            step += 1
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y[batch]).sum())
-            if progress:
-                progress(step, total)
-        eval_top1 = float("nan")
-        if len(eval_acts) and eval_y is not None and len(eval_y):
-            eval_top1 = float(np.mean(evaluate_top(top, head, eval_acts).argmax(1) == eval_y))
-        for key, value in (
-            ("step", step),
-            ("loss", float(np.mean(losses))),
-            ("train_top1", correct / max(1, min(len(y), len(losses) * cfg.batch_size))),
-            ("eval_top1", eval_top1),
-            ("lr", opt.param_groups[1]["lr"]),
-        ):
-            curves[key].append(value)
-        if writer is not None:
-            writer.add_scalar("loss/train", curves["loss"][-1], step)
-            writer.add_scalar("top1/train", curves["train_top1"][-1], step)
-            writer.add_scalar("lr", curves["lr"][-1], step)
-            if not math.isnan(eval_top1):
-                writer.add_scalar("top1/eval", eval_top1, step)
+
+    def evaluate() -> float:
+        if not (len(eval_acts) and eval_y is not None and len(eval_y)):
+            return float("nan")
+        return float(np.mean(evaluate_top(top, head, eval_acts).argmax(1) == eval_y))
+
+    history = run_steps(
+        forward,
+        y,
+        total_steps=total,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        schedule=schedule,
+        train_mode=train_mode,
+        evaluate=evaluate,
+        writer=writer,
+        progress=progress,
+    )
     top.eval()
     head.eval()
     for p in top.parameters():
         p.requires_grad_(False)
-    return curves
+    return history
