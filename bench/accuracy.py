@@ -35,7 +35,7 @@ DATA = ROOT.parent / "shared" / "data" / "flower_photos"
 CONFIGS: dict[str, dict] = {
     "head": {"mode": "head"},
     "head, no views/TTA": {"mode": "head", "views": 0, "tta": False},
-    "head, 3 views": {"mode": "head", "views": 3},
+    "head, 7 views": {"mode": "head", "views": 7},
     "tune-top": {"mode": "tune-top"},
 }
 

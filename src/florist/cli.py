@@ -104,7 +104,7 @@ def train(
         "tune-top: also train the last --blocks backbone blocks on cached activations (more accurate, minutes). "
         "[default: head]",
     ),
-    blocks: int = typer.Option(4, help="tune-top: how many of the backbone's last blocks to train."),
+    blocks: int = typer.Option(1, help="tune-top: how many of the backbone's last blocks to train."),
     backbone_lr: float = typer.Option(1e-3, help="tune-top: peak learning rate of the tuned blocks."),
     precision: str = typer.Option("auto", help="tune-top: bf16, fp32, or auto (bf16 where the CPU supports it)."),
     backbone: str = typer.Option(
@@ -114,7 +114,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 10]."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6]."),
     steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.005 adam, 0.01 sgd]."),
@@ -128,11 +128,11 @@ def train(
         None, help="Label smoothing for the cross-entropy loss [default: head 0, tune-top 0.1]."
     ),
     class_weights: Optional[str] = typer.Option(None, help="'balanced' to weight classes by inverse frequency."),
-    weight_decay: float = typer.Option(0.0, help="L2 weight decay."),
+    weight_decay: Optional[float] = typer.Option(None, help="L2 weight decay [default: head 0, tune-top 0.01]."),
     views: Optional[int] = typer.Option(
         None,
         help="Cached extra views per training image: 1 = its mirror; K > 1 adds K-1 random crops/colour jitter "
-        "[default: head 1, tune-top 3].",
+        "[default: head 1, tune-top 7].",
     ),
     tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
     seed: int = Seed,

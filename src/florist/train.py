@@ -42,8 +42,8 @@ DEFAULT_MODE = "head"
 #: Per-mode defaults for settings left as None, chosen on an inner validation split
 #: of the flower photos' training part (never on the eval split).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "head": {"epochs": 15, "views": 1, "label_smoothing": 0.0},
-    "tune-top": {"epochs": 10, "views": 3, "label_smoothing": 0.1},
+    "head": {"epochs": 15, "views": 1, "label_smoothing": 0.0, "weight_decay": 0.0},
+    "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01},
 }
 MODES = tuple(MODE_DEFAULTS)
 
@@ -65,7 +65,7 @@ class TrainConfig:
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training set (default per mode: head 15, tune-top 10).
+        epochs: passes over the training set (default per mode: head 15, tune-top 6).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
         lr: learning rate (default 0.005 for Adam, 0.01 for SGD).
@@ -76,16 +76,16 @@ class TrainConfig:
         dropout: dropout on the features before the linear layer.
         label_smoothing: cross-entropy label smoothing (default per mode: head 0, tune-top 0.1).
         class_weights: ``"balanced"`` weights the loss by ``n / (classes * n_class)``.
-        weight_decay: L2 penalty (decoupled for Adam as in AdamW).
+        weight_decay: L2 penalty, decoupled for Adam as in AdamW (default per mode: head 0, tune-top 0.01).
         views: cached views per training image beyond the clean one: 1 adds its
             mirror image, K > 1 adds K - 1 random augmentations too (crop, flip, colour).
-            Default per mode: head 1, tune-top 3.
+            Default per mode: head 1, tune-top 7.
         tta: average the predictions of each image and its mirror at evaluation and prediction.
         seed: same seed + same data = same split and same weights.
     """
 
     mode: str | None = None
-    blocks: int = 4
+    blocks: int = 1
     backbone_lr: float = 1e-3
     warmup: float = 0.1
     precision: str = "auto"
@@ -103,7 +103,7 @@ class TrainConfig:
     dropout: float = 0.0
     label_smoothing: float | None = None
     class_weights: Literal["balanced"] | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     views: int | None = None
     tta: bool = True
     seed: int = 0
@@ -130,7 +130,10 @@ class TrainConfig:
             (self.decay_rate is None or 0 < self.decay_rate <= 1, f"decay rate must be in (0, 1], got {self.decay_rate}"),
             (self.decay_steps >= 1, f"decay steps must be >= 1, got {self.decay_steps}"),
             (self.class_weights in (None, "balanced"), f"class weights must be 'balanced' or none, got {self.class_weights!r}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.weight_decay is None or self.weight_decay >= 0,
+                f"weight decay must be >= 0, got {self.weight_decay}",
+            ),
             (self.views is None or self.views >= 0, f"views must be >= 0, got {self.views}"),
         ]
         for ok, message in checks:
@@ -163,6 +166,10 @@ class TrainConfig:
         return self._default("label_smoothing")
 
     @property
+    def resolved_weight_decay(self) -> float:
+        return self._default("weight_decay")
+
+    @property
     def tta_views(self) -> list[str]:
         return ["clean", "flip"] if self.tta else ["clean"]
 
@@ -183,10 +190,10 @@ def class_weight_vector(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def _make_optimizer(head: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
-            head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay
+            head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay
         )
     else:
-        opt = torch.optim.SGD(head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(head.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
     rate, every = cfg.resolved_decay_rate, cfg.decay_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: rate ** (step / every))
     return opt, schedule
@@ -507,7 +514,7 @@ def _fit_tune_top(
         batch_size=cfg.batch_size,
         lr_head=cfg.resolved_lr,
         lr_top=cfg.backbone_lr,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.resolved_weight_decay,
         label_smoothing=cfg.resolved_label_smoothing,
         warmup=cfg.warmup,
         seed=cfg.seed,
