@@ -58,7 +58,7 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
         "tta": cfg["tta"],
         "epochs": len(metrics["history"]["step"]),  # one history point per epoch
         "steps": metrics["history"]["step"][-1],
-        "optimizer": cfg["optimizer"],
+        "optimizer": "adamw, warm-up + cosine" if metrics["mode"] == "tune-top" else cfg["optimizer"],
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "n_train": metrics["n_train"],
@@ -97,7 +97,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--only", default="", help="run only configurations whose name starts with this")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.json")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the README table from --out")
     args = parser.parse_args()
+    if args.table_only:
+        update_readme(table(json.loads(args.out.read_text())["results"]), ROOT / "README.md")
+        return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
     results = []
