@@ -10,7 +10,7 @@ Writes ``bench/results/accuracy.json`` and refreshes the results table in
 README.md between its ``accuracy-table`` markers.
 
     python bench/accuracy.py                 # all configurations
-    python bench/accuracy.py --only head     # just the runs whose name starts with "head"
+    python bench/accuracy.py --only "head,tune-top"   # just these (others kept from the last run)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ DATA = ROOT.parent / "shared" / "data" / "flower_photos"
 #: name -> TrainConfig overrides. The first of each mode is its default setting.
 CONFIGS: dict[str, dict] = {
     "head": {"mode": "head"},
+    "head, fp32 features": {"mode": "head", "precision": "fp32"},
     "head, no views/TTA": {"mode": "head", "views": 0, "tta": False},
     "head, 7 views": {"mode": "head", "views": 7},
     "tune-top": {"mode": "tune-top"},
@@ -63,7 +64,9 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
         "top5": metrics["top5"],
         "n_train": metrics["n_train"],
         "n_eval": metrics["n_eval"],
+        "precision": "bf16" if json.loads((out / "model.json").read_text()).get("bf16") else "fp32",
         "wall_s": round(wall, 1),
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
         "timings": metrics["timings"],
     }
 
@@ -71,12 +74,13 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
 def table(results: list[dict]) -> str:
     """Markdown table like the original project's results table."""
     lines = [
-        "| mode | backbone | views | TTA | epochs | steps | optimizer | top-1 | cold wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | backbone | views | TTA | features | epochs | steps | optimizer | top-1 | cold wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {r['backbone']} | {r['views']} | {'flip' if r['tta'] else 'no'} | {r['epochs']} "
+            f"| {r['name']} | {r['backbone']} | {r['views']} | {'flip' if r['tta'] else 'no'} "
+            f"| {r.get('precision', 'fp32')} | {r['epochs']} "
             f"| {r['steps']} | {r['optimizer']} | {r['top1']:.2%} | {r['wall_s']:.0f} s |"
         )
     return "\n".join(lines)
@@ -95,7 +99,7 @@ def update_readme(text: str, readme: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--only", default="", help="run only configurations whose name starts with this")
+    parser.add_argument("--only", default="", help="comma-separated configuration names to run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.json")
     parser.add_argument("--table-only", action="store_true", help="rebuild the README table from --out")
     args = parser.parse_args()
@@ -104,14 +108,21 @@ def main() -> None:
         return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
-    results = []
+    wanted = [n.strip() for n in args.only.split(",")] if args.only else list(CONFIGS)
+    unknown = set(wanted) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {sorted(unknown)}; known: {list(CONFIGS)}")
+    previous = json.loads(args.out.read_text())["results"] if args.out.exists() and args.only else []
+    fresh = {}
     with tempfile.TemporaryDirectory(prefix="florist-bench-") as tmp:
-        for name, overrides in CONFIGS.items():
-            if name.startswith(args.only):
-                results.append(run_one(name, overrides, args.data, Path(tmp)))
-                print(json.dumps(results[-1]), flush=True)
+        for name in wanted:
+            fresh[name] = run_one(name, CONFIGS[name], args.data, Path(tmp))
+            print(json.dumps(fresh[name]), flush=True)
+    kept = {r["name"]: r for r in previous if r["name"] in CONFIGS}
+    results = [fresh.get(name) or kept[name] for name in CONFIGS if name in fresh or name in kept]
     report = {
-        "protocol": "stratified 80/20 split, seed 0, cold cache; top-1 on the held-out 20%",
+        "protocol": "stratified 80/20 split, seed 0, cold cache; top-1 on the held-out 20%; "
+        "rows measured together share a 'measured' time",
         "data": str(args.data),
         "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "florist_version": florist.__version__,
@@ -119,8 +130,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if not args.only:
-        update_readme(table(results), ROOT / "README.md")
+    update_readme(table(results), ROOT / "README.md")
     print(table(results))
 
 

@@ -173,3 +173,16 @@ def test_flowers_head_reaches_90_percent(flower_photos: Path, tmp_path: Path) ->
     assert metrics["top1"] >= 0.90
     pred = model.predict([flower_photos / "daisy" / sorted(p.name for p in (flower_photos / "daisy").iterdir())[0]])
     assert pred[0].labels[0] in model.classes
+
+
+def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path) -> None:
+    from florist.features import feature_key
+
+    models = {p: florist.train(photos, tmp_path / p, epochs=2, precision=p) for p in ("fp32", "bf16")}
+    for precision, model in models.items():
+        meta = json.loads((tmp_path / precision / MODEL_JSON).read_text())
+        assert meta["bf16"] is (precision == "bf16")
+        assert florist.load(tmp_path / precision).backbone.bf16 is (precision == "bf16")
+    assert feature_key(models["fp32"].backbone) != feature_key(models["bf16"].backbone)
+    assert models["fp32"].predict([photos / "red"])[0].labels[0] == "red"
+    assert models["bf16"].predict([photos / "red"])[0].labels[0] == "red"

@@ -96,12 +96,14 @@ class Backbone:
             crop_pct, crop_mode).
         tuned_id: hash of weights florist re-trained (tune-top/finetune); part of the
             feature-cache key so features of a tuned network never mix with the original's.
+        bf16: compute features under bfloat16 autocast; also part of the cache key.
     """
 
     model: nn.Module
     spec: BackboneSpec
     data_config: dict[str, Any]
     tuned_id: str | None = None  # set when some of the weights were re-trained by florist
+    bf16: bool = False  # run the network under bfloat16 autocast (CPU with native bf16, or CUDA)
 
     @property
     def num_features(self) -> int:

@@ -106,7 +106,9 @@ def train(
     ),
     blocks: int = typer.Option(1, help="tune-top: how many of the backbone's last blocks to train."),
     backbone_lr: float = typer.Option(1e-3, help="tune-top: peak learning rate of the tuned blocks."),
-    precision: str = typer.Option("auto", help="tune-top: bf16, fp32, or auto (bf16 where the CPU supports it)."),
+    precision: str = typer.Option(
+        "auto", help="Features and tune-top training in bf16, fp32, or auto (bf16 where the CPU supports it)."
+    ),
     backbone: str = typer.Option(
         "efficientnet_lite0",
         help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME.",

@@ -136,6 +136,7 @@ def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: st
         {
             **({"part": part} if part != "pooled" else {}),
             **({"tuned": backbone.tuned_id} if backbone.tuned_id else {}),
+            **({"precision": "bf16"} if backbone.bf16 else {}),
             **({"augment": AUGMENT, "seed": seed} if is_random_view(view) else {}),
             "version": FEATURE_VERSION,
             "timm_name": backbone.spec.timm_name,
@@ -314,7 +315,8 @@ def extract_features(
             ran += len(good)
             if good:
                 x = images[good].to(device).contiguous(memory_format=torch.channels_last)
-                out = network(x).float().cpu().numpy().astype(dtype)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone.bf16):
+                    out = network(x).float().cpu().numpy().astype(dtype)
                 for row, j in zip(out, good):
                     features[todo[int(idx[j])]] = row
                     if cache is not None:

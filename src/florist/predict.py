@@ -77,6 +77,7 @@ class Classifier:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "Classifier":
         backbone = create_backbone(spec=bundle.backbone)
+        backbone.bf16 = bool(bundle.extra.get("bf16", False))
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
         if tuned:
             unknown = set(tuned) - set(backbone.model.state_dict())

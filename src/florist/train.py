@@ -59,8 +59,9 @@ class TrainConfig:
         backbone_lr: tune-top only: peak learning rate of the tuned blocks.
         warmup: tune-top only: fraction of steps with a linear learning-rate warm-up
             before the cosine decay.
-        precision: tune-top only: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where
-            the CPU has native bfloat16 support).
+        precision: ``"bf16"`` autocast for feature extraction and tune-top training,
+            ``"fp32"``, or ``"auto"`` (bf16 where the CPU has native bfloat16 support).
+            Stored with the model, so prediction computes features the same way.
         backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``.
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
@@ -144,6 +145,10 @@ class TrainConfig:
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (0.005 if self.optimizer == "adam" else 0.01)
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and bf16_is_fast())
 
     @property
     def resolved_mode(self) -> str:
@@ -318,6 +323,7 @@ def train(
     out = Path(out_dir)
     started = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights)  # fail fast on a bad name
+    backbone.bf16 = cfg.use_bf16
     _check_out_dir(out, overwrite)
     timings: dict[str, float] = {}
 
@@ -385,6 +391,7 @@ def train(
         extra={
             "tta_views": cfg.tta_views,
             "tuned_id": backbone.tuned_id,
+            "bf16": backbone.bf16,
             "train_config": asdict(cfg),
             "florist_version": _version(),
         },
@@ -519,7 +526,7 @@ def _fit_tune_top(
         warmup=cfg.warmup,
         seed=cfg.seed,
         class_weights=class_weight_vector(train_y, len(prepared.classes)) if cfg.class_weights else None,
-        bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast()),
+        bf16=cfg.use_bf16,
     )
     eval_acts = [acts["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()
