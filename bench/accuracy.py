@@ -34,9 +34,9 @@ DATA = ROOT.parent / "shared" / "data" / "flower_photos"
 #: name -> TrainConfig overrides. The first of each mode is its default setting.
 CONFIGS: dict[str, dict] = {
     "head": {"mode": "head"},
-    "head, fp32 features": {"mode": "head", "precision": "fp32"},
-    "head, no views/TTA": {"mode": "head", "views": 0, "tta": False},
-    "head, 7 views": {"mode": "head", "views": 7},
+    "head (fp32 features)": {"mode": "head", "precision": "fp32"},
+    "head (no views/TTA)": {"mode": "head", "views": 0, "tta": False},
+    "head (7 views)": {"mode": "head", "views": 7},
     "tune-top": {"mode": "tune-top"},
 }
 
