@@ -99,3 +99,15 @@ def test_cli_reference_is_up_to_date(tmp_path: Path) -> None:
     )
     committed = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     assert out.read_text() == committed.read_text(), "run `make docs` to refresh docs/cli.md"
+
+
+def test_train_tune_top_from_the_command_line(photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(photos), "--out", str(run), "--mode", "tune-top", "--blocks", "1", "--epochs", "8"]
+    result = runner.invoke(app, [*args, "--views", "1", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["mode"] == "tune-top" and metrics["top1"] == 1.0
+    assert json.loads((run / "model.json").read_text())["train_config"]["blocks"] == 1
+    result = runner.invoke(app, ["train", str(photos), "--out", str(tmp_path / "x"), "--mode", "finetune-all"])
+    assert result.exit_code == 2
