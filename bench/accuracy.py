@@ -37,6 +37,7 @@ CONFIGS: dict[str, dict] = {
     "head (fp32 features)": {"mode": "head", "precision": "fp32"},
     "head (no views/TTA)": {"mode": "head", "views": 0, "tta": False},
     "head (7 views)": {"mode": "head", "views": 7},
+    "head (lite0+lite2)": {"mode": "head", "backbone": "efficientnet_lite0,efficientnet_lite2"},
     "tune-top": {"mode": "tune-top"},
 }
 

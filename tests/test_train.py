@@ -34,9 +34,9 @@ def test_train_writes_a_complete_run(trained_run: Path) -> None:
 def test_bundle_is_plain_tensors_and_json(trained_run: Path) -> None:
     meta = json.loads((trained_run / MODEL_JSON).read_text())
     assert meta["classes"] == ["blue", "green", "red"]
-    assert meta["backbone"]["timm_name"] == "tf_efficientnet_lite0"
-    assert meta["preprocessing"]["input_size"] == [3, 224, 224]
-    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["backbones"][0]["timm_name"] == "tf_efficientnet_lite0"
+    assert meta["preprocessing"][0]["input_size"] == [3, 224, 224]
+    assert meta["preprocessing"][0]["mean"] == [0.5, 0.5, 0.5]
     assert meta["tta_views"] == ["clean", "flip"]
     state = load_file(str(trained_run / "model.safetensors"))
     assert state["fc.weight"].shape == (3, 1280)
@@ -186,3 +186,31 @@ def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path) ->
     assert feature_key(models["fp32"].backbone) != feature_key(models["bf16"].backbone)
     assert models["fp32"].predict([photos / "red"])[0].labels[0] == "red"
     assert models["bf16"].predict([photos / "red"])[0].labels[0] == "red"
+
+
+def test_several_backbones_concatenate_cached_features(photos: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    both = florist.train(photos, tmp_path / "both", backbone="efficientnet_lite0,efficientnet_lite1", epochs=3, cache_dir=cache)
+    meta = json.loads((tmp_path / "both" / MODEL_JSON).read_text())
+    assert [b["name"] for b in meta["backbones"]] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert [c["input_size"][-1] for c in meta["preprocessing"]] == [224, 240]
+    assert meta["head"]["in_features"] == 2560
+    assert json.loads((tmp_path / "both" / "metrics.json").read_text())["top1"] == 1.0
+    # each backbone is cached on its own: training with just one of them computes nothing
+    florist.train(photos, tmp_path / "one", backbone="efficientnet_lite1", epochs=1, cache_dir=cache)
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["features_computed"] == 0
+    files = sorted((photos / "green").iterdir())[:3]
+    np.testing.assert_allclose(both.predict_proba(files)[0], florist.load(tmp_path / "both").predict_proba(files)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"backbone": "efficientnet_lite0,efficientnet_lite1", "mode": "tune-top"}, "several are for --mode head"),
+        ({"backbone": "efficientnet_lite0,efficientnet_lite0"}, "listed twice"),
+        ({"backbone": "efficientnet_lite0,efficientnet_lite1", "weights": "w.safetensors"}, "single backbone"),
+    ],
+)
+def test_backbone_lists_are_checked(photos: Path, tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(FloristError, match=message):
+        florist.train(photos, tmp_path / "run", **overrides)

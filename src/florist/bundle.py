@@ -34,8 +34,8 @@ class Bundle:
     """The contents of ``model.json`` plus the head's tensors."""
 
     classes: list[str]
-    backbone: BackboneSpec
-    data_config: dict[str, Any]
+    backbones: list[BackboneSpec]  # features of several backbones are concatenated in this order
+    data_configs: list[dict[str, Any]]  # preprocessing of each backbone
     head: dict[str, Any]  # {"type": "linear", "in_features", "num_classes", "dropout"}
     state: dict[str, torch.Tensor]
     extra: dict[str, Any]
@@ -44,8 +44,8 @@ class Bundle:
         return {
             "format_version": FORMAT_VERSION,
             "classes": self.classes,
-            "backbone": self.backbone.to_dict(),
-            "preprocessing": self.data_config,
+            "backbones": [b.to_dict() for b in self.backbones],
+            "preprocessing": self.data_configs,
             "head": self.head,
             **self.extra,
         }
@@ -103,11 +103,11 @@ def read_bundle(run_dir: str | Path) -> Bundle:
         state = load_file(str(run / MODEL_WEIGHTS))
     except Exception as e:
         raise FloristError(f"cannot read {run / MODEL_WEIGHTS}: {e}") from None
-    known = {"format_version", "classes", "backbone", "preprocessing", "head"}
+    known = {"format_version", "classes", "backbones", "preprocessing", "head"}
     return Bundle(
         classes=list(meta["classes"]),
-        backbone=BackboneSpec.from_dict(meta["backbone"]),
-        data_config=meta["preprocessing"],
+        backbones=[BackboneSpec.from_dict(b) for b in meta["backbones"]],
+        data_configs=list(meta["preprocessing"]),
         head=meta["head"],
         state=state,
         extra={k: v for k, v in meta.items() if k not in known},

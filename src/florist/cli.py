@@ -111,7 +111,8 @@ def train(
     ),
     backbone: str = typer.Option(
         "efficientnet_lite0",
-        help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME.",
+        help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
+        "head mode also takes a comma-separated list whose features are concatenated.",
     ),
     weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,

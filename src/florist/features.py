@@ -359,3 +359,25 @@ def extract_views(
                 backbone, paths, shas=shas, cache=cache, view=view, seed=seed, progress=bar, **kwargs
             )
     return results
+
+
+def extract_concat(
+    backbones: Sequence[Backbone], paths: Sequence[str | Path], views: Sequence[str], **kwargs: Any
+) -> dict[str, FeatureResult]:
+    """:func:`extract_views` for each backbone, features concatenated in backbone order.
+
+    Each backbone keeps its own preprocessing and its own cache entries; an image
+    that fails for any backbone is reported as failed.
+    """
+    per_backbone = [extract_views(b, paths, views, **kwargs) for b in backbones]
+    if len(per_backbone) == 1:
+        return per_backbone[0]
+    merged = {}
+    for view in views:
+        results = [p[view] for p in per_backbone]
+        errors: dict[int, str] = {}
+        for r in results:
+            errors.update(r.errors)
+        features = np.concatenate([r.features for r in results], axis=1)
+        merged[view] = FeatureResult(features, errors, sum(r.computed for r in results))
+    return merged

@@ -25,7 +25,7 @@ from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
 from .errors import FloristError
 from .tune import state_id
 from .data import iter_paths
-from .features import FeatureResult, default_cache_dir, extract_views
+from .features import FeatureResult, default_cache_dir, extract_concat
 from .progress import ProgressFn
 
 
@@ -61,14 +61,15 @@ class Classifier:
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbones: Backbone | Sequence[Backbone],
         head: nn.Module,
         classes: Sequence[str],
         *,
         tta_views: Sequence[str] = ("clean",),
         bundle: Bundle | None = None,
     ):
-        self.backbone = backbone
+        self.backbones = [backbones] if isinstance(backbones, Backbone) else list(backbones)
+        self.backbone = self.backbones[0]  # the one tune-top adapts
         self.head = head.eval()
         self.classes = list(classes)
         self.tta_views = list(tta_views)
@@ -76,8 +77,10 @@ class Classifier:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "Classifier":
-        backbone = create_backbone(spec=bundle.backbone)
-        backbone.bf16 = bool(bundle.extra.get("bf16", False))
+        backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
+        for b in backbones:
+            b.bf16 = bool(bundle.extra.get("bf16", False))
+        backbone = backbones[0]
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
         if tuned:
             unknown = set(tuned) - set(backbone.model.state_dict())
@@ -87,7 +90,7 @@ class Classifier:
             backbone.tuned_id = bundle.extra.get("tuned_id") or state_id(tuned)
         head = build_head(bundle.head)
         head.load_state_dict({k: v for k, v in bundle.state.items() if not k.startswith(BACKBONE_PREFIX)})
-        return cls(backbone, head, bundle.classes, tta_views=bundle.extra.get("tta_views", ["clean"]), bundle=bundle)
+        return cls(backbones, head, bundle.classes, tta_views=bundle.extra.get("tta_views", ["clean"]), bundle=bundle)
 
     @torch.inference_mode()
     def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
@@ -120,8 +123,8 @@ class Classifier:
             shas: known content hashes, so cached features can be used without reading files.
             cache: read and fill the feature cache (worth it for repeated evaluation).
         """
-        views = extract_views(
-            self.backbone,
+        views = extract_concat(
+            self.backbones,
             paths,
             self.tta_views,
             shas=shas,

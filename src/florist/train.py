@@ -28,7 +28,7 @@ from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
 from .errors import FloristError
 from .evaluate import compute_metrics
-from .features import FeatureResult, default_cache_dir, extract_views, view_names
+from .features import FeatureResult, default_cache_dir, extract_concat, view_names
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
@@ -62,7 +62,8 @@ class TrainConfig:
         precision: ``"bf16"`` autocast for feature extraction and tune-top training,
             ``"fp32"``, or ``"auto"`` (bf16 where the CPU has native bfloat16 support).
             Stored with the model, so prediction computes features the same way.
-        backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``.
+        backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``;
+            head mode also takes several, comma-separated, whose features are concatenated.
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
@@ -268,6 +269,23 @@ def fit_head(
 # ---------------------------------------------------------------------------
 
 
+def _create_backbones(cfg: TrainConfig) -> list[Backbone]:
+    """One backbone per comma-separated name in ``cfg.backbone``, in that order."""
+    names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
+    if not names:
+        raise FloristError("no backbone given")
+    if len(names) > 1 and cfg.weights:
+        raise FloristError("--weights applies to a single backbone, not to a list")
+    if len(names) > 1 and cfg.resolved_mode != "head":
+        raise FloristError(f"--mode {cfg.resolved_mode} tunes one backbone; several are for --mode head")
+    if len(set(names)) != len(names):
+        raise FloristError(f"backbone listed twice: {cfg.backbone}")
+    backbones = [create_backbone(name, cfg.weights) for name in names]
+    for b in backbones:
+        b.bf16 = cfg.use_bf16
+    return backbones
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to clobber a finished run unless asked; un-mark it first when overwriting."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -322,8 +340,8 @@ def train(
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
     out = Path(out_dir)
     started = time.perf_counter()
-    backbone = create_backbone(cfg.backbone, cfg.weights)  # fail fast on a bad name
-    backbone.bf16 = cfg.use_bf16
+    backbones = _create_backbones(cfg)  # fail fast on a bad name
+    backbone = backbones[0]
     _check_out_dir(out, overwrite)
     timings: dict[str, float] = {}
 
@@ -348,7 +366,7 @@ def train(
 
     with SummaryWriter(log_dir=str(out / "tb")) as writer:
         fitted = (_fit_tune_top if cfg.resolved_mode == "tune-top" else _fit_head_mode)(
-            backbone, prepared, cfg, cache_root, writer, verbose, timings
+            backbones, prepared, cfg, cache_root, writer, verbose, timings
         )
     prepared = Prepared(prepared.classes, fitted.train, fitted.eval, prepared.skipped, prepared.warnings)
     write_manifests(out, prepared)
@@ -357,7 +375,7 @@ def train(
 
     if fitted.backbone_state:
         backbone.tuned_id = state_id(fitted.backbone_state)
-    model = Classifier(backbone, fitted.head, prepared.classes, tta_views=cfg.tta_views)
+    model = Classifier(backbones, fitted.head, prepared.classes, tta_views=cfg.tta_views)
     metrics: dict[str, Any] = {
         "mode": cfg.resolved_mode,
         "n_train": len(fitted.train),
@@ -377,15 +395,15 @@ def train(
 
     head_spec = {
         "type": "linear",
-        "in_features": backbone.num_features,
+        "in_features": sum(b.num_features for b in backbones),
         "num_classes": len(prepared.classes),
         "dropout": cfg.dropout,
     }
     state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
     bundle = Bundle(
         classes=prepared.classes,
-        backbone=backbone.spec,
-        data_config=backbone.data_config,
+        backbones=[b.spec for b in backbones],
+        data_configs=[b.data_config for b in backbones],
         head=head_spec,
         state=state,
         extra={
@@ -425,7 +443,7 @@ class _Fitted:
 
 
 def _extract_splits(
-    backbone: Backbone,
+    backbones: list[Backbone],
     prepared: Prepared,
     cfg: TrainConfig,
     cache_root: Path,
@@ -439,8 +457,8 @@ def _extract_splits(
     outputs: dict[str, dict[str, np.ndarray]] = {}
     computed = 0
     for split_name, items in (("train", prepared.train), ("eval", prepared.eval)):
-        views = extract_views(
-            backbone,
+        views = extract_concat(
+            backbones,
             [it.path for it in items],
             wanted[split_name],
             shas=[it.sha256 for it in items],
@@ -463,12 +481,12 @@ def _labels(items: list[Item], repeat: int = 1) -> np.ndarray:
 
 
 def _fit_head_mode(
-    backbone: Backbone, prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
+    backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
     timings: dict[str, float],
 ) -> _Fitted:
     """Head mode: a linear classifier on cached pooled features of every view."""
     t = time.perf_counter()
-    kept, feats, computed = _extract_splits(backbone, prepared, cfg, cache_root, verbose)
+    kept, feats, computed = _extract_splits(backbones, prepared, cfg, cache_root, verbose)
     timings["features_s"] = time.perf_counter() - t
     views = view_names(cfg.resolved_views)
     eval_x = [feats["eval"][v] for v in cfg.tta_views]
@@ -485,20 +503,21 @@ def _fit_head_mode(
             progress=bar,
         )
     timings["train_s"] = time.perf_counter() - t
-    probe = Classifier(backbone, head, prepared.classes, tta_views=cfg.tta_views)
+    probe = Classifier(backbones, head, prepared.classes, tta_views=cfg.tta_views)
     eval_probs = np.mean([probe.probabilities_from_features(x) for x in eval_x], axis=0)
     return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed)
 
 
 def _fit_tune_top(
-    backbone: Backbone, prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
+    backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
     timings: dict[str, float],
 ) -> _Fitted:
     """tune-top mode: train the last blocks and a new head on cached activations."""
+    (backbone,) = backbones  # _create_backbones allows one backbone in this mode
     split = split_backbone(backbone, cfg.blocks)
     t = time.perf_counter()
     kept, acts, computed = _extract_splits(
-        backbone,
+        backbones,
         prepared,
         cfg,
         cache_root,
