@@ -51,7 +51,8 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
     florist.train(data, out, cache_dir=cache, overwrite=True, **overrides)
     wall = time.perf_counter() - started
     metrics = json.loads((out / "metrics.json").read_text())
-    cfg = json.loads((out / "model.json").read_text())["train_config"]
+    bundle = json.loads((out / "model.json").read_text())
+    cfg = bundle["train_config"]
     return {
         "name": name,
         "mode": metrics["mode"],
@@ -65,7 +66,7 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
         "top5": metrics["top5"],
         "n_train": metrics["n_train"],
         "n_eval": metrics["n_eval"],
-        "precision": "bf16" if json.loads((out / "model.json").read_text()).get("bf16") else "fp32",
+        "precision": "bf16" if bundle.get("bf16") else "fp32",
         "wall_s": round(wall, 1),
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "timings": metrics["timings"],

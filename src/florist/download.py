@@ -10,7 +10,6 @@ place when complete, so a half-extracted dataset is never mistaken for a whole o
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FloristError
+from .files import sha256_file
 from .progress import ProgressFn
 
 
@@ -57,14 +57,6 @@ def default_data_dir() -> Path:
     return Path(user_cache_dir("florist")) / "datasets"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(archive: Archive, dest: Path, *, progress: ProgressFn | None = None, timeout: float = 60) -> Path:
     """Download ``archive`` to ``dest/<name>``, resuming a partial file; verify size and SHA-256.
 
@@ -75,7 +67,7 @@ def fetch(archive: Archive, dest: Path, *, progress: ProgressFn | None = None, t
     """
     dest.mkdir(parents=True, exist_ok=True)
     final = dest / Path(archive.url).name
-    if final.exists() and final.stat().st_size == archive.size and _sha256(final) == archive.sha256:
+    if final.exists() and final.stat().st_size == archive.size and sha256_file(final) == archive.sha256:
         return final
     partial = final.with_name(final.name + ".part")
     have = partial.stat().st_size if partial.exists() else 0
@@ -104,7 +96,7 @@ def fetch(archive: Archive, dest: Path, *, progress: ProgressFn | None = None, t
         raise FloristError(
             f"download of {archive.url} stopped after {size} of {archive.size} bytes; run again to resume"
         )
-    digest = _sha256(partial)
+    digest = sha256_file(partial)
     if size != archive.size or digest != archive.sha256:
         partial.unlink()
         raise FloristError(
