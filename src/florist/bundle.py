@@ -51,6 +51,11 @@ class Bundle:
         }
 
 
+def linear_head_spec(in_features: int, num_classes: int, dropout: float = 0.0) -> dict[str, Any]:
+    """The ``head`` entry of ``model.json`` for florist's linear classifier."""
+    return {"type": "linear", "in_features": int(in_features), "num_classes": int(num_classes), "dropout": dropout}
+
+
 def build_head(spec: dict[str, Any]) -> nn.Module:
     """The classifier head described by ``model.json``'s ``head`` entry.
 

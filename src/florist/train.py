@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
-from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete, save_bundle
+from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete, linear_head_spec, save_bundle
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
 from .errors import FloristError
 from .evaluate import compute_metrics
@@ -231,8 +231,7 @@ def fit_head(
     torch.manual_seed(cfg.seed)
     x = torch.as_tensor(train_x, dtype=torch.float32)
     y = torch.as_tensor(train_y, dtype=torch.long)
-    head_spec = {"type": "linear", "in_features": x.shape[1], "num_classes": num_classes, "dropout": cfg.dropout}
-    head = build_head(head_spec)
+    head = build_head(linear_head_spec(x.shape[1], num_classes, cfg.dropout))
     weight = class_weight_vector(train_y, num_classes) if cfg.class_weights == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.resolved_label_smoothing)
     opt, schedule = _make_optimizer(head, cfg)
@@ -361,7 +360,6 @@ def train(
         log.warning(message)
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    t = time.perf_counter()
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir=str(out / "tb")) as writer:
@@ -393,18 +391,12 @@ def train(
     metrics["history"] = fitted.history
     atomic_write_json(out / "metrics.json", metrics)
 
-    head_spec = {
-        "type": "linear",
-        "in_features": sum(b.num_features for b in backbones),
-        "num_classes": len(prepared.classes),
-        "dropout": cfg.dropout,
-    }
     state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
     bundle = Bundle(
         classes=prepared.classes,
         backbones=[b.spec for b in backbones],
         data_configs=[b.data_config for b in backbones],
-        head=head_spec,
+        head=linear_head_spec(sum(b.num_features for b in backbones), len(prepared.classes), cfg.dropout),
         state=state,
         extra={
             "tta_views": cfg.tta_views,
@@ -531,9 +523,7 @@ def _fit_tune_top(
     views = view_names(cfg.resolved_views)
     train_y = _labels(kept["train"], len(views))
     torch.manual_seed(cfg.seed)
-    head = build_head(
-        {"type": "linear", "in_features": backbone.num_features, "num_classes": len(prepared.classes), "dropout": cfg.dropout}
-    )
+    head = build_head(linear_head_spec(backbone.num_features, len(prepared.classes), cfg.dropout))
     top_cfg = TopConfig(
         epochs=cfg.resolved_epochs,
         steps=cfg.steps,
