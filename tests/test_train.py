@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -214,3 +215,25 @@ def test_several_backbones_concatenate_cached_features(photos: Path, tmp_path: P
 def test_backbone_lists_are_checked(photos: Path, tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(FloristError, match=message):
         florist.train(photos, tmp_path / "run", **overrides)
+
+
+def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_path: Path) -> None:
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["n_images"] == 24 and info["seed"] == 0
+    assert info["config"]["epochs"] == 10
+    assert info["versions"]["torch"] == importlib.metadata.version("torch")
+    assert info["versions"]["timm"]
+    assert len(info["data_sha256"]) == 64
+    # the data hash follows content: change one image and it changes
+    copy = tmp_path / "photos"
+    shutil.copytree(photos, copy)
+    florist.train(copy, tmp_path / "a", epochs=1)
+    same = json.loads((tmp_path / "a" / "run.json").read_text())["data_sha256"]
+    victim = sorted((copy / "red").iterdir())[0]
+    from PIL import Image
+
+    Image.new("RGB", (50, 50), (250, 0, 0)).save(victim)
+    florist.train(copy, tmp_path / "b", epochs=1)
+    changed = json.loads((tmp_path / "b" / "run.json").read_text())["data_sha256"]
+    assert same == info["data_sha256"]
+    assert changed != same

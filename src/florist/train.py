@@ -32,6 +32,7 @@ from .features import FeatureResult, default_cache_dir, extract_concat, view_nam
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
+from .runinfo import run_info
 from .loop import History, run_steps
 from .progress import ProgressFn, progress_bar
 
@@ -323,7 +324,8 @@ def train(
     Args:
         data_dir: ``<folder>/<class>/<images>``.
         out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
-            model.json (written last), metrics.json and TensorBoard logs under ``tb/``.
+            model.json (written last), metrics.json, run.json (how to reproduce it) and
+            TensorBoard logs under ``tb/``.
         config: hyperparameters; keyword ``overrides`` replace single fields
             (``florist.train("photos", "run", epochs=30)``).
         cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder).
@@ -390,6 +392,8 @@ def train(
     metrics["timings"] = timings
     metrics["history"] = fitted.history
     atomic_write_json(out / "metrics.json", metrics)
+    used = fitted.train + fitted.eval
+    atomic_write_json(out / "run.json", run_info(data_dir, prepared.classes, used, asdict(cfg)))
 
     state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
     bundle = Bundle(
