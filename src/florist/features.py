@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +233,14 @@ class FeatureResult:
         return mask
 
 
+def merged_errors(results: Iterable[FeatureResult]) -> dict[int, str]:
+    """Index -> reason for images that failed in any of ``results`` (views or backbones of one list)."""
+    errors: dict[int, str] = {}
+    for result in results:
+        errors.update(result.errors)
+    return errors
+
+
 def default_workers(n_images: int) -> int:
     """DataLoader worker processes: decode in parallel with the model only when it pays off."""
     if n_images < 64:
@@ -283,12 +291,15 @@ def extract_features(
     shape = tuple(out_shape) if out_shape else (backbone.num_features,)
     features = np.zeros((len(paths), *shape), dtype=dtype)
     todo: list[int] = []
+    hash_known: set[int] = set()  # looked up already: no second lookup once the file is read
     for i, sha in enumerate(shas or [None] * len(paths)):
         cached = cache.get(sha) if (cache is not None and sha) else None
         if cached is not None and cached.shape == shape:
             features[i] = cached
         else:
             todo.append(i)
+            if sha:
+                hash_known.add(i)
     total = len(paths)
     done = total - len(todo)
     if progress:
@@ -307,7 +318,8 @@ def extract_features(
         for idx, images, batch_shas, batch_errors in loader:
             good = []
             for j, err in enumerate(batch_errors):
-                cached = cache.get(batch_shas[j]) if (cache is not None and not err) else None
+                lookup = cache is not None and not err and todo[int(idx[j])] not in hash_known
+                cached = cache.get(batch_shas[j]) if lookup else None
                 if cached is not None and cached.shape == shape:
                     features[todo[int(idx[j])]] = cached  # hash known only after reading the file
                 elif not err:
@@ -375,9 +387,6 @@ def extract_concat(
     merged = {}
     for view in views:
         results = [p[view] for p in per_backbone]
-        errors: dict[int, str] = {}
-        for r in results:
-            errors.update(r.errors)
         features = np.concatenate([r.features for r in results], axis=1)
-        merged[view] = FeatureResult(features, errors, sum(r.computed for r in results))
+        merged[view] = FeatureResult(features, merged_errors(results), sum(r.computed for r in results))
     return merged

@@ -9,7 +9,7 @@ per-epoch curves and TensorBoard logging are the same and live here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,3 +93,36 @@ def run_steps(
         lr = optimizer.param_groups[-1]["lr"]
         history.add(step, float(np.mean(losses)), correct / max(1, seen), eval_top1, lr, writer)
     return history
+
+
+@torch.inference_mode()
+def average_probabilities(
+    forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[np.ndarray], batch_size: int = 256
+) -> np.ndarray:
+    """Softmax of ``forward`` on each view's array, averaged over views (test-time augmentation).
+
+    ``views`` holds one ``[N, ...]`` array per view of the same N images (features or
+    cached activations, any float dtype); the modules behind ``forward`` must already
+    be in eval mode. Returns ``[N, classes]`` float32 (``[0, 0]`` for no images).
+    """
+    if not len(views) or not len(views[0]):
+        return np.zeros((0, 0), dtype=np.float32)
+    total = None
+    for array in views:
+        probs = torch.cat(
+            [
+                forward(torch.as_tensor(array[i : i + batch_size]).float()).float().softmax(1)
+                for i in range(0, len(array), batch_size)
+            ]
+        )
+        total = probs if total is None else total + probs
+    return (total / len(views)).numpy()
+
+
+def tta_top1(
+    forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[np.ndarray], labels: np.ndarray | None
+) -> float:
+    """Top-1 of :func:`average_probabilities` against ``labels`` (NaN when there is nothing to score)."""
+    if labels is None or not len(labels) or not len(views):
+        return float("nan")
+    return float(np.mean(average_probabilities(forward, views).argmax(1) == labels))

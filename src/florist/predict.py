@@ -25,7 +25,8 @@ from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
 from .errors import FloristError
 from .tune import state_id
 from .data import iter_paths
-from .features import FeatureResult, default_cache_dir, extract_concat
+from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
+from .loop import average_probabilities
 from .progress import ProgressFn
 
 
@@ -97,15 +98,12 @@ class Classifier:
         """Softmax probabilities ``[N, classes]`` for pooled features ``[N, D]``."""
         if len(features) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        logits = self.head(torch.as_tensor(features, dtype=torch.float32))
-        return logits.softmax(dim=1).numpy()
+        return average_probabilities(self.head, [features])
 
     def probabilities_from_views(self, views: dict[str, FeatureResult]) -> tuple[np.ndarray, dict[int, str]]:
         """Average the probabilities of :attr:`tta_views`; rows of unreadable images are NaN."""
-        errors: dict[int, str] = {}
-        for view in self.tta_views:
-            errors.update(views[view].errors)
-        probs = np.mean([self.probabilities_from_features(views[v].features) for v in self.tta_views], axis=0)
+        errors = merged_errors(views[v] for v in self.tta_views)
+        probs = average_probabilities(self.head, [views[v].features for v in self.tta_views])
         probs[list(errors)] = np.nan
         return probs, errors
 

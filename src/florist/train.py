@@ -28,12 +28,12 @@ from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
 from .errors import FloristError
 from .evaluate import compute_metrics
-from .features import FeatureResult, default_cache_dir, extract_concat, view_names
+from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors, view_names
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
 from .predict import Classifier
 from .runinfo import run_info
-from .loop import History, run_steps
+from .loop import History, average_probabilities, run_steps, tta_top1
 from .progress import ProgressFn, progress_bar
 
 log = logging.getLogger("florist")
@@ -239,12 +239,8 @@ def fit_head(
     total = cfg.steps or math.ceil(len(y) / cfg.batch_size) * cfg.resolved_epochs
 
     def evaluate() -> float:
-        if not (len(eval_x) and len(eval_x[0])):
-            return float("nan")
         head.eval()
-        with torch.inference_mode():
-            probs = sum(head(torch.as_tensor(v, dtype=torch.float32)).softmax(1) for v in eval_x)
-        return float(np.mean(probs.argmax(1).numpy() == eval_y))
+        return tta_top1(head, eval_x, eval_y)
 
     history = run_steps(
         lambda batch: head(x[batch]),
@@ -301,9 +297,7 @@ def _drop_failed(
     items: list[Item], views: dict[str, FeatureResult]
 ) -> tuple[list[Item], dict[str, np.ndarray], list[Skipped]]:
     """Remove images that failed in any view (e.g. a file changed since prepare)."""
-    errors: dict[int, str] = {}
-    for result in views.values():
-        errors.update(result.errors)
+    errors = merged_errors(views.values())
     keep = [i for i in range(len(items)) if i not in errors]
     skipped = [Skipped(items[i].path, reason) for i, reason in sorted(errors.items())]
     return [items[i] for i in keep], {v: r.features[keep] for v, r in views.items()}, skipped
@@ -499,8 +493,7 @@ def _fit_head_mode(
             progress=bar,
         )
     timings["train_s"] = time.perf_counter() - t
-    probe = Classifier(backbones, head, prepared.classes, tta_views=cfg.tta_views)
-    eval_probs = np.mean([probe.probabilities_from_features(x) for x in eval_x], axis=0)
+    eval_probs = average_probabilities(head, eval_x)
     return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed)
 
 
@@ -556,7 +549,7 @@ def _fit_tune_top(
             progress=bar,
         )
     timings["train_s"] = time.perf_counter() - t
-    eval_probs = evaluate_top(split.top, head, eval_acts) if len(kept["eval"]) else np.zeros((0, len(prepared.classes)))
+    eval_probs = evaluate_top(split.top, head, eval_acts)
     state = tuned_state(backbone.model, split.top_prefixes)
     return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, state)
 

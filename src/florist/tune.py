@@ -28,7 +28,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import FloristError
-from .loop import History, run_steps
+from .loop import History, average_probabilities, run_steps, tta_top1
 from .progress import ProgressFn
 
 
@@ -134,20 +134,16 @@ class TopConfig:
     bf16: bool = False  # autocast the forward pass to bfloat16
 
 
-def _probabilities(top: nn.Module, head: nn.Module, acts: np.ndarray, batch: int = 256) -> torch.Tensor:
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(acts), batch):
-            x = torch.as_tensor(acts[i : i + batch]).float().contiguous(memory_format=torch.channels_last)
-            out.append(head(top(x)).softmax(1))
-    return torch.cat(out) if out else torch.zeros(0)
+def _top_forward(top: nn.Module, head: nn.Module):
+    """Cached activations (any float dtype) -> logits through the tuned top and the head."""
+    return lambda x: head(top(x.float().contiguous(memory_format=torch.channels_last)))
 
 
 def evaluate_top(top: nn.Module, head: nn.Module, views: Sequence[np.ndarray]) -> np.ndarray:
     """Probabilities averaged over test-time views of cached activations."""
     top.eval()
     head.eval()
-    return (sum(_probabilities(top, head, v) for v in views) / len(views)).numpy()
+    return average_probabilities(_top_forward(top, head), views)
 
 
 def fit_top(
@@ -192,10 +188,11 @@ def fit_top(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
 
+    logits_of = _top_forward(top, head)
+
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(train_acts[batch.numpy()]).float().contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            return head(top(x))
+            return logits_of(torch.as_tensor(train_acts[batch.numpy()]))
 
     def train_mode() -> None:
         top.train()
@@ -203,9 +200,9 @@ def fit_top(
         _freeze_bn_stats(top)
 
     def evaluate() -> float:
-        if not (len(eval_acts) and eval_y is not None and len(eval_y)):
-            return float("nan")
-        return float(np.mean(evaluate_top(top, head, eval_acts).argmax(1) == eval_y))
+        top.eval()
+        head.eval()
+        return tta_top1(_top_forward(top, head), eval_acts, eval_y)
 
     history = run_steps(
         forward,
