@@ -39,6 +39,14 @@ CONFIGS: dict[str, dict] = {
     "head (7 views)": {"mode": "head", "views": 7},
     "head (lite0+lite2)": {"mode": "head", "backbone": "efficientnet_lite0,efficientnet_lite2"},
     "tune-top": {"mode": "tune-top"},
+    "finetune": {"mode": "finetune"},
+}
+
+
+#: How each mode optimises (head mode uses the configured optimizer).
+OPTIMIZER = {
+    "tune-top": "adamw, warm-up + cosine",
+    "finetune": "adamw, layer-wise lr, warm-up + cosine",
 }
 
 
@@ -57,11 +65,11 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
         "name": name,
         "mode": metrics["mode"],
         "backbone": cfg["backbone"],
-        "views": len(metrics["views"]),
+        "views": "new each step" if metrics["mode"] == "finetune" else len(metrics["views"]),
         "tta": cfg["tta"],
         "epochs": len(metrics["history"]["step"]),  # one history point per epoch
         "steps": metrics["history"]["step"][-1],
-        "optimizer": "adamw, warm-up + cosine" if metrics["mode"] == "tune-top" else cfg["optimizer"],
+        "optimizer": OPTIMIZER.get(metrics["mode"], cfg["optimizer"]),
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "n_train": metrics["n_train"],

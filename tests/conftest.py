@@ -47,7 +47,7 @@ def trained_run(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import florist
 
     run = tmp_path_factory.mktemp("run") / "colours"
-    florist.train(photos, run, epochs=10, eval_fraction=0.25)
+    florist.train(photos, run, epochs=10, eval_fraction=0.25, mode="head")
     return run
 
 

@@ -38,7 +38,7 @@ def test_prepare_train_evaluate_predict(photos: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "prep" / "labels.txt").read_text().split() == ["blue", "green", "red"]
 
-    result = runner.invoke(app, ["train", str(photos), "--out", str(run), "--epochs", "5", "--quiet", "--json"])
+    result = runner.invoke(app, ["train", str(photos), "--out", str(run), "--mode", "head", "--epochs", "5", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["top1"] == 1.0
 

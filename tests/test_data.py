@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
+import images as im  # tests/images.py (pytest puts tests/ on sys.path)
 import pytest
 from PIL import Image
 
@@ -36,8 +37,6 @@ from florist.data import (
     split,
 )
 from florist.errors import FloristError
-
-import images as im  # tests/images.py (pytest puts tests/ on sys.path)
 
 RED = (220, 20, 20)
 BLUE = (20, 20, 220)

@@ -47,7 +47,7 @@ def test_bad_files_get_errors_not_exceptions(trained_run: Path, photos: Path, tm
 
 
 def test_loaded_model_matches_the_trained_one(photos: Path, tmp_path: Path) -> None:
-    trained = florist.train(photos, tmp_path / "run", epochs=3)
+    trained = florist.train(photos, tmp_path / "run", epochs=3, mode="head")
     loaded = florist.load(tmp_path / "run")
     files = sorted((photos / "blue").iterdir())[:4]
     a, _ = trained.predict_proba(files)

@@ -56,9 +56,9 @@ def test_tensorboard_logs_loss_accuracy_lr(trained_run: Path) -> None:
 
 def test_second_train_reuses_cached_features(photos: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    florist.train(photos, tmp_path / "a", epochs=1, cache_dir=cache)
+    florist.train(photos, tmp_path / "a", epochs=1, cache_dir=cache, mode="head")
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    florist.train(photos, tmp_path / "b", epochs=1, cache_dir=cache, lr=0.01)
+    florist.train(photos, tmp_path / "b", epochs=1, cache_dir=cache, lr=0.01, mode="head")
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert first["features_computed"] == 2 * 24  # clean + flip view of every image
     assert second["features_computed"] == 0
@@ -66,7 +66,7 @@ def test_second_train_reuses_cached_features(photos: Path, tmp_path: Path) -> No
 
 def test_same_seed_same_weights_other_seed_differs(photos: Path, tmp_path: Path) -> None:
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        florist.train(photos, tmp_path / name, epochs=2, seed=seed)
+        florist.train(photos, tmp_path / name, epochs=2, seed=seed, mode="head")
     a, b, c = (load_file(str(tmp_path / n / "model.safetensors"))["fc.weight"] for n in "abc")
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -78,9 +78,9 @@ def test_refuses_to_overwrite_a_finished_run(trained_run: Path, photos: Path, tm
     shutil.copytree(trained_run, run)
     before = (run / "model.safetensors").read_bytes()
     with pytest.raises(FloristError, match="already holds a trained model"):
-        florist.train(photos, run, epochs=1)
+        florist.train(photos, run, epochs=1, mode="head")
     assert (run / "model.safetensors").read_bytes() == before
-    florist.train(photos, run, epochs=1, seed=9, overwrite=True)
+    florist.train(photos, run, epochs=1, seed=9, overwrite=True, mode="head")
     assert (run / "model.safetensors").read_bytes() != before
 
 
@@ -91,7 +91,7 @@ def test_interrupted_run_does_not_look_finished(photos: Path, tmp_path: Path, mo
     # florist.train is the function; the module lives in sys.modules.
     monkeypatch.setattr(sys.modules["florist.train"], "save_bundle", crash)
     with pytest.raises(KeyboardInterrupt):
-        florist.train(photos, tmp_path / "run", epochs=1)
+        florist.train(photos, tmp_path / "run", epochs=1, mode="head")
     assert not (tmp_path / "run" / MODEL_JSON).exists()
     with pytest.raises(FloristError, match="no finished model"):
         florist.load(tmp_path / "run")
@@ -156,10 +156,10 @@ def test_label_smoothing_and_dropout_change_training() -> None:
 
 
 def test_train_per_class_and_no_eval(photos: Path, tmp_path: Path) -> None:
-    florist.train(photos, tmp_path / "a", epochs=1, train_per_class=5)
+    florist.train(photos, tmp_path / "a", epochs=1, train_per_class=5, mode="head")
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_eval"]) == (15, 9)
-    florist.train(photos, tmp_path / "b", epochs=1, eval_fraction=0.0)
+    florist.train(photos, tmp_path / "b", epochs=1, eval_fraction=0.0, mode="head")
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_eval"]) == (24, 0)
     assert "top1" not in metrics
@@ -168,7 +168,7 @@ def test_train_per_class_and_no_eval(photos: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_flowers_head_reaches_90_percent(flower_photos: Path, tmp_path: Path) -> None:
     """The issue's acceptance run: default settings, 80/20 split of the shared flower photos."""
-    model = florist.train(flower_photos, tmp_path / "flowers", cache_dir=tmp_path / "cache")
+    model = florist.train(flower_photos, tmp_path / "flowers", cache_dir=tmp_path / "cache", mode="head")
     metrics = json.loads((tmp_path / "flowers" / "metrics.json").read_text())
     assert metrics["n_eval"] == 300
     assert metrics["top1"] >= 0.90
@@ -179,7 +179,7 @@ def test_flowers_head_reaches_90_percent(flower_photos: Path, tmp_path: Path) ->
 def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path) -> None:
     from florist.features import feature_key
 
-    models = {p: florist.train(photos, tmp_path / p, epochs=2, precision=p) for p in ("fp32", "bf16")}
+    models = {p: florist.train(photos, tmp_path / p, epochs=2, precision=p, mode="head") for p in ("fp32", "bf16")}
     for precision, model in models.items():
         meta = json.loads((tmp_path / precision / MODEL_JSON).read_text())
         assert meta["bf16"] is (precision == "bf16")
@@ -191,14 +191,14 @@ def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path) ->
 
 def test_several_backbones_concatenate_cached_features(photos: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    both = florist.train(photos, tmp_path / "both", backbone="efficientnet_lite0,efficientnet_lite1", epochs=3, cache_dir=cache)
+    both = florist.train(photos, tmp_path / "both", backbone="efficientnet_lite0,efficientnet_lite1", epochs=3, cache_dir=cache, mode="head")
     meta = json.loads((tmp_path / "both" / MODEL_JSON).read_text())
     assert [b["name"] for b in meta["backbones"]] == ["efficientnet_lite0", "efficientnet_lite1"]
     assert [c["input_size"][-1] for c in meta["preprocessing"]] == [224, 240]
     assert meta["head"]["in_features"] == 2560
     assert json.loads((tmp_path / "both" / "metrics.json").read_text())["top1"] == 1.0
     # each backbone is cached on its own: training with just one of them computes nothing
-    florist.train(photos, tmp_path / "one", backbone="efficientnet_lite1", epochs=1, cache_dir=cache)
+    florist.train(photos, tmp_path / "one", backbone="efficientnet_lite1", epochs=1, cache_dir=cache, mode="head")
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["features_computed"] == 0
     files = sorted((photos / "green").iterdir())[:3]
     np.testing.assert_allclose(both.predict_proba(files)[0], florist.load(tmp_path / "both").predict_proba(files)[0], atol=1e-6)
@@ -214,7 +214,7 @@ def test_several_backbones_concatenate_cached_features(photos: Path, tmp_path: P
 )
 def test_backbone_lists_are_checked(photos: Path, tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(FloristError, match=message):
-        florist.train(photos, tmp_path / "run", **overrides)
+        florist.train(photos, tmp_path / "run", **{"mode": "head", **overrides})
 
 
 def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_path: Path) -> None:
@@ -227,13 +227,13 @@ def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_
     # the data hash follows content: change one image and it changes
     copy = tmp_path / "photos"
     shutil.copytree(photos, copy)
-    florist.train(copy, tmp_path / "a", epochs=1)
+    florist.train(copy, tmp_path / "a", epochs=1, mode="head")
     same = json.loads((tmp_path / "a" / "run.json").read_text())["data_sha256"]
     victim = sorted((copy / "red").iterdir())[0]
     from PIL import Image
 
     Image.new("RGB", (50, 50), (250, 0, 0)).save(victim)
-    florist.train(copy, tmp_path / "b", epochs=1)
+    florist.train(copy, tmp_path / "b", epochs=1, mode="head")
     changed = json.loads((tmp_path / "b" / "run.json").read_text())["data_sha256"]
     assert same == info["data_sha256"]
     assert changed != same

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from safetensors.torch import load_file, save
+from torch import nn
 
 from .backbones import BackboneSpec
 from .errors import FloristError

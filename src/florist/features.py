@@ -62,6 +62,10 @@ def resize_size(data_config: dict[str, Any]) -> int:
 AUGMENT = {"scale": (0.3, 1.0), "ratio": (3 / 4, 4 / 3), "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}
 
 
+#: Suffix of views cached as uint8 pixels (before normalisation) for fine-tuning, e.g. ``clean/u8``.
+PIXELS = "/u8"
+
+
 def is_random_view(view: str) -> bool:
     """``aug0``, ``aug1``, ... are random views; ``clean`` and ``flip`` are fixed."""
     return view.startswith("aug")
@@ -78,15 +82,29 @@ def view_seed(sha: str, view: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def view_shape(data_config: dict[str, Any], view: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the tensor :func:`build_transform` makes for ``view``."""
+    if view == "square" + PIXELS:
+        side = resize_size(data_config)
+        return (3, side, side)
+    return tuple(data_config["input_size"])  # type: ignore[return-value]
+
+
 def build_transform(data_config: dict[str, Any], view: str = "clean"):
     """PIL image -> normalised tensor, exactly as timm evaluates the backbone.
 
     ``view="flip"`` mirrors the image first; ``aug<k>`` views take a random resized
     crop, a random flip and colour jitter (seeded per image by the caller).
+    ``clean/u8`` and ``flip/u8`` give the same pixels as uint8, before scaling and
+    normalisation (``normalize_pixels`` finishes them bit for bit); ``square/u8`` is
+    the image resized and centre-cropped to a square of the resize size, the input
+    of fine-tuning's on-the-fly augmentation.
     """
     from timm.data import create_transform
     from torchvision import transforms as T
 
+    if view.endswith(PIXELS):
+        return _pixel_transform(data_config, view[: -len(PIXELS)])
     size = tuple(data_config["input_size"][-2:])
     if is_random_view(view):
         from timm.data.transforms import str_to_interp_mode
@@ -119,6 +137,34 @@ def build_transform(data_config: dict[str, Any], view: str = "clean"):
     if view == "flip":
         return T.Compose([T.RandomHorizontalFlip(p=1.0), base])
     raise ValueError(f"unknown view {view!r}")
+
+
+def _pixel_transform(data_config: dict[str, Any], view: str):
+    """The geometric steps of ``view``'s transform, ending in a uint8 tensor."""
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T
+
+    if view == "square":
+        side = resize_size(data_config)
+        interpolation = str_to_interp_mode(data_config["interpolation"])
+        return T.Compose([T.Resize(side, interpolation=interpolation), T.CenterCrop(side), T.PILToTensor()])
+    if view not in ("clean", "flip"):
+        raise ValueError(f"no uint8 version of view {view!r}")
+    geometry = [t for t in build_transform(data_config, "clean").transforms if isinstance(t, (T.Resize, T.CenterCrop))]
+    flip = [T.RandomHorizontalFlip(p=1.0)] if view == "flip" else []
+    return T.Compose([*flip, *geometry, T.PILToTensor()])
+
+
+def normalize_pixels(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> the normalised float tensor the backbone expects.
+
+    The same float32 operations as torchvision's ``ToTensor`` + ``Normalize``, so a
+    ``clean/u8`` view finished here equals the ``clean`` view exactly.
+    """
+    x = pixels.float().div(255)
+    mean = torch.tensor(data_config["mean"], dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(data_config["std"], dtype=x.dtype, device=x.device)[:, None, None]
+    return x.sub(mean).div(std)
 
 
 def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
@@ -192,7 +238,7 @@ class _ImageFiles(Dataset):
         self.view = view
         self.seed = seed
         self.transform = build_transform(data_config, view)
-        self.blank = torch.zeros(tuple(data_config["input_size"]))
+        self.blank = torch.zeros(view_shape(data_config, view), dtype=torch.uint8 if view.endswith(PIXELS) else None)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -283,12 +329,16 @@ def extract_features(
         workers: DataLoader worker processes for decoding (default: by data size).
         progress: ``progress(done, total)`` callback.
         network: module run on the preprocessed batch (default: the whole backbone).
-        out_shape: shape of one image's output (default: ``(num_features,)``).
+        out_shape: shape of one image's output (default: ``(num_features,)``, or the
+            pixel view's shape for ``.../u8`` views).
         dtype: dtype of the returned and cached arrays.
     """
     paths = [str(p) for p in paths]
     network = network if network is not None else backbone.model
-    shape = tuple(out_shape) if out_shape else (backbone.num_features,)
+    if out_shape:
+        shape = tuple(out_shape)
+    else:
+        shape = view_shape(backbone.data_config, view) if view.endswith(PIXELS) else (backbone.num_features,)
     features = np.zeros((len(paths), *shape), dtype=dtype)
     todo: list[int] = []
     hash_known: set[int] = set()  # looked up already: no second lookup once the file is read

@@ -43,6 +43,28 @@ class History:
                 writer.add_scalar("top1/eval", eval_top1, step)
 
 
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over a ``warmup`` fraction, then cosine decay to 0.
+
+    Warm-up keeps the first, large gradients of a new head from wrecking pretrained layers.
+    """
+    warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    return factor
+
+
+def _local_part(batch: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+    """This process's share of a global batch (every process gets at least one example)."""
+    rank, world = shard
+    local = batch[rank::world]
+    return local if len(local) else batch[:1]
+
+
 def run_steps(
     forward: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
@@ -57,6 +79,9 @@ def run_steps(
     evaluate: Callable[[], float] | None = None,
     writer: Any = None,
     progress: ProgressFn | None = None,
+    history: History | None = None,
+    on_epoch: Callable[[History], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> History:
     """Run ``total_steps`` shuffled mini-batch steps, recording one history point per epoch.
 
@@ -67,16 +92,25 @@ def run_steps(
         seed: seeds the shuffling (same seed -> same order).
         train_mode: puts the trained modules in training mode before each epoch.
         evaluate: returns held-out top-1 after each epoch (NaN when there is none).
+        history: curves of a run being resumed; its last ``step`` is where training
+            continues, with the shuffling order an uninterrupted run would have had.
+        on_epoch: called with the curves after each epoch; returning True stops training.
+        shard: ``(rank, world_size)``: each process of a multi-process run takes every
+            ``world_size``-th example of the same global batch, so together they take
+            the steps one process would.
     """
     generator = torch.Generator().manual_seed(seed)
-    history = History()
-    step = 0
+    history = history or History()
+    for _ in history.step:  # replay the shuffles of finished epochs
+        torch.randperm(len(labels), generator=generator)
+    step = history.step[-1] if history.step else 0
     while step < total_steps:
         train_mode()
         losses, correct, seen = [], 0, 0
-        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
+        for global_batch in torch.randperm(len(labels), generator=generator).split(batch_size):
             if step >= total_steps:
                 break
+            batch = _local_part(global_batch, shard)
             logits = forward(batch).float()
             loss = loss_fn(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -92,6 +126,8 @@ def run_steps(
         eval_top1 = evaluate() if evaluate else float("nan")
         lr = optimizer.param_groups[-1]["lr"]
         history.add(step, float(np.mean(losses)), correct / max(1, seen), eval_top1, lr, writer)
+        if on_epoch and on_epoch(history):
+            break
     return history
 
 

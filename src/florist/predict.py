@@ -22,12 +22,12 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone
 from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
-from .errors import FloristError
-from .tune import state_id
 from .data import iter_paths
+from .errors import FloristError
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
 from .loop import average_probabilities
 from .progress import ProgressFn
+from .tune import state_id
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Prediction:
             "path": self.path,
             "label": self.labels[0],
             "probability": self.probabilities[0],
-            "top_k": [{"label": l, "probability": p} for l, p in zip(self.labels, self.probabilities)],
+            "top_k": [{"label": c, "probability": p} for c, p in zip(self.labels, self.probabilities)],
         }
 
 

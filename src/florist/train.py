@@ -11,11 +11,14 @@ rate decay, ``lr * decay_rate ** (step / decay_steps)``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,28 +26,51 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
-from .bundle import BACKBONE_PREFIX, MODEL_JSON, Bundle, build_head, is_complete, linear_head_spec, save_bundle
+from .bundle import (
+    BACKBONE_PREFIX,
+    MODEL_JSON,
+    Bundle,
+    build_head,
+    is_complete,
+    linear_head_spec,
+    save_bundle,
+)
 from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
+from .distributed import pick_device
 from .errors import FloristError
 from .evaluate import compute_metrics
-from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors, view_names
-from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
+from .features import (
+    PIXELS,
+    FeatureResult,
+    default_cache_dir,
+    extract_concat,
+    merged_errors,
+    view_names,
+)
 from .files import atomic_write_json
-from .predict import Classifier
-from .runinfo import run_info
+from .finetune import CHECKPOINT, FinetuneConfig, fit_finetune
 from .loop import History, average_probabilities, run_steps, tta_top1
+from .predict import Classifier
 from .progress import ProgressFn, progress_bar
+from .runinfo import run_info
+from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 
 log = logging.getLogger("florist")
 
 #: Mode used when none is given.
-DEFAULT_MODE = "head"
+DEFAULT_MODE = "tune-top"
 #: Per-mode defaults for settings left as None, chosen on an inner validation split
 #: of the flower photos' training part (never on the eval split).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "head": {"epochs": 15, "views": 1, "label_smoothing": 0.0, "weight_decay": 0.0},
-    "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01},
+    "head": {"epochs": 15, "views": 1, "label_smoothing": 0.0, "weight_decay": 0.0, "lr": None, "blocks": None,
+             "backbone_lr": None},
+    "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01, "lr": None, "blocks": 1,
+                 "backbone_lr": 1e-3},
+    # views: finetune augments on the fly; its head warm start uses clean features only.
+    "finetune": {"epochs": 10, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
+                 "blocks": None, "backbone_lr": 5e-4},
 }
 MODES = tuple(MODE_DEFAULTS)
 
@@ -54,13 +80,21 @@ class TrainConfig:
     """Every setting of a training run; saved in ``model.json`` so a run can be repeated.
 
     Attributes:
-        mode: ``"head"`` (linear classifier on frozen features) or ``"tune-top"``
-            (also train the last ``blocks`` backbone blocks on cached activations).
-        blocks: tune-top only: how many of the backbone's last blocks to train.
-        backbone_lr: tune-top only: peak learning rate of the tuned blocks.
-        warmup: tune-top only: fraction of steps with a linear learning-rate warm-up
-            before the cosine decay.
-        precision: ``"bf16"`` autocast for feature extraction and tune-top training,
+        mode: ``"head"`` (linear classifier on frozen features), ``"tune-top"``
+            (also train the last ``blocks`` backbone blocks on cached activations) or
+            ``"finetune"`` (train the whole backbone, or its last ``blocks``, on
+            augmented images, starting from a head trained on cached features).
+        blocks: tune-top and finetune: how many of the backbone's last blocks to train
+            (default: tune-top 1, finetune all).
+        backbone_lr: tune-top and finetune: peak learning rate of the top backbone block
+            (default: tune-top 1e-3, finetune 5e-4).
+        layer_decay: finetune: each block's learning rate is this times the next one's.
+        warmup: tune-top and finetune: fraction of steps with a linear learning-rate
+            warm-up before the cosine decay.
+        keep: finetune: keep the ``"last"`` epoch's weights or the ``"best"`` by eval top-1.
+        patience: finetune: stop after this many epochs without a better eval top-1.
+        device: finetune: ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``"bf16"`` autocast for feature extraction and tune-top/finetune training,
             ``"fp32"``, or ``"auto"`` (bf16 where the CPU has native bfloat16 support).
             Stored with the model, so prediction computes features the same way.
         backbone: bundled name (``efficientnet_lite0/1/2``), a timm model name or ``timm:NAME``;
@@ -68,29 +102,34 @@ class TrainConfig:
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training set (default per mode: head 15, tune-top 6).
+        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 10).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
-        lr: learning rate (default 0.005 for Adam, 0.01 for SGD).
+        lr: learning rate of the head (default 0.005 for Adam, 0.01 for SGD; finetune 1e-3).
         decay_rate: multiply the learning rate by this every ``decay_steps`` steps
             (default 1.0 = constant for Adam, 0.9 for SGD); applied smoothly per step.
         decay_steps: see ``decay_rate``.
         batch_size: examples per step.
         dropout: dropout on the features before the linear layer.
-        label_smoothing: cross-entropy label smoothing (default per mode: head 0, tune-top 0.1).
+        label_smoothing: cross-entropy label smoothing (default per mode: head 0, others 0.1).
         class_weights: ``"balanced"`` weights the loss by ``n / (classes * n_class)``.
-        weight_decay: L2 penalty, decoupled for Adam as in AdamW (default per mode: head 0, tune-top 0.01).
+        weight_decay: L2 penalty, decoupled for Adam as in AdamW (default per mode: head 0,
+            tune-top 0.01, finetune 0.05).
         views: cached views per training image beyond the clean one: 1 adds its
             mirror image, K > 1 adds K - 1 random augmentations too (crop, flip, colour).
-            Default per mode: head 1, tune-top 7.
+            Default per mode: head 1, tune-top 7 (finetune augments on the fly instead).
         tta: average the predictions of each image and its mirror at evaluation and prediction.
         seed: same seed + same data = same split and same weights.
     """
 
     mode: str | None = None
-    blocks: int = 1
-    backbone_lr: float = 1e-3
+    blocks: int | None = None
+    backbone_lr: float | None = None
+    layer_decay: float = 0.85
     warmup: float = 0.1
+    keep: str = "last"
+    patience: int | None = None
+    device: str = "auto"
     precision: str = "auto"
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
@@ -126,8 +165,11 @@ class TrainConfig:
                 f"label smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (self.mode is None or self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
-            (self.blocks >= 1, f"blocks must be >= 1, got {self.blocks}"),
-            (self.backbone_lr > 0, f"backbone lr must be > 0, got {self.backbone_lr}"),
+            (self.blocks is None or self.blocks >= 1, f"blocks must be >= 1, got {self.blocks}"),
+            (self.backbone_lr is None or self.backbone_lr > 0, f"backbone lr must be > 0, got {self.backbone_lr}"),
+            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1], got {self.layer_decay}"),
+            (self.keep in ("last", "best"), f"keep must be 'last' or 'best', got {self.keep!r}"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (0.0 <= self.warmup < 1.0, f"warmup must be in [0, 1), got {self.warmup}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.decay_rate is None or 0 < self.decay_rate <= 1, f"decay rate must be in (0, 1], got {self.decay_rate}"),
@@ -146,7 +188,9 @@ class TrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.005 if self.optimizer == "adam" else 0.01)
+        if self.lr is not None:
+            return self.lr
+        return self._default("lr") or (0.005 if self.optimizer == "adam" else 0.01)
 
     @property
     def use_bf16(self) -> bool:
@@ -163,6 +207,14 @@ class TrainConfig:
     @property
     def resolved_epochs(self) -> int:
         return self._default("epochs")
+
+    @property
+    def resolved_blocks(self) -> int | None:
+        return self._default("blocks")
+
+    @property
+    def resolved_backbone_lr(self) -> float:
+        return self._default("backbone_lr")
 
     @property
     def resolved_views(self) -> int:
@@ -222,13 +274,13 @@ def fit_head(
     Args:
         train_x, train_y: ``[N, D]`` features and ``[N]`` integer labels.
         num_classes: output size.
-        cfg: hyperparameters.
+        cfg: hyperparameters; those left unset take head-mode defaults, whatever ``cfg.mode``.
         eval_x, eval_y: optional held-out features, one array per test-time view (their
             probabilities are averaged); only measured, never used to choose anything.
         writer: optional TensorBoard ``SummaryWriter``.
         progress: optional ``progress(done, total)`` over steps.
     """
-    cfg.validate()
+    cfg = replace(cfg, mode="head").validate()  # unset settings take head-mode defaults
     torch.manual_seed(cfg.seed)
     x = torch.as_tensor(train_x, dtype=torch.float32)
     y = torch.as_tensor(train_y, dtype=torch.long)
@@ -310,6 +362,7 @@ def train(
     *,
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = True,
     verbose: bool = False,
     **overrides: Any,
 ) -> Classifier:
@@ -324,6 +377,8 @@ def train(
             (``florist.train("photos", "run", epochs=30)``).
         cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder).
         overwrite: replace a finished run in ``out_dir``.
+        resume: finetune: continue from ``out_dir``'s checkpoint of an interrupted run with the
+            same settings and data.
         verbose: show progress bars and a summary in the log.
 
     Returns:
@@ -333,11 +388,39 @@ def train(
         FloristError: for bad data, settings or an existing finished run.
     """
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
-    out = Path(out_dir)
+    device = pick_device(cfg.device)
+    joined = dist.init(device)
+    try:
+        return _train(data_dir, Path(out_dir), cfg, device, cache_dir, overwrite, resume, verbose)
+    finally:
+        if joined:
+            dist.shutdown()
+
+
+@dataclass
+class _Run:
+    """What every training mode needs besides the data and the settings."""
+
+    out: Path
+    cache_root: Path
+    device: torch.device
+    writer: Any  # TensorBoard SummaryWriter, or None in processes other than rank 0
+    verbose: bool
+    resume: bool
+    timings: dict[str, float]
+
+
+def _train(
+    data_dir: str | Path, out: Path, cfg: TrainConfig, device: torch.device, cache_dir: str | Path | None,
+    overwrite: bool, resume: bool, verbose: bool,
+) -> Classifier:
     started = time.perf_counter()
     backbones = _create_backbones(cfg)  # fail fast on a bad name
     backbone = backbones[0]
-    _check_out_dir(out, overwrite)
+    if dist.is_main():
+        _check_out_dir(out, overwrite)
+    dist.barrier()
+    verbose = verbose and dist.is_main()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -352,24 +435,24 @@ def train(
             progress=bar,
         )
     timings["prepare_s"] = time.perf_counter() - t
-    for message in prepared.warnings:
+    for message in prepared.warnings if dist.is_main() else ():
         log.warning(message)
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(log_dir=str(out / "tb")) as writer:
-        fitted = (_fit_tune_top if cfg.resolved_mode == "tune-top" else _fit_head_mode)(
-            backbones, prepared, cfg, cache_root, writer, verbose, timings
-        )
+    with SummaryWriter(log_dir=str(out / "tb")) if dist.is_main() else nullcontext() as writer:
+        run = _Run(out, cache_root, device, writer, verbose, resume, timings)
+        fitted = FIT[cfg.resolved_mode](backbones, prepared, cfg, run)
+    if not dist.is_main():
+        dist.barrier()  # rank 0 writes the run folder
+        return _classifier(backbones, fitted, prepared.classes, cfg)
     prepared = Prepared(prepared.classes, fitted.train, fitted.eval, prepared.skipped, prepared.warnings)
     write_manifests(out, prepared)
     if prepared.skipped:
         log.warning("%d file(s) skipped, listed in %s", len(prepared.skipped), out / "skipped.csv")
 
-    if fitted.backbone_state:
-        backbone.tuned_id = state_id(fitted.backbone_state)
-    model = Classifier(backbones, fitted.head, prepared.classes, tta_views=cfg.tta_views)
+    model = _classifier(backbones, fitted, prepared.classes, cfg)
     metrics: dict[str, Any] = {
         "mode": cfg.resolved_mode,
         "n_train": len(fitted.train),
@@ -382,6 +465,7 @@ def train(
     metrics["train_top1"] = fitted.history["train_top1"][-1]
     metrics["features_computed"] = fitted.computed
     metrics["n_skipped"] = len(prepared.skipped)
+    metrics.update(fitted.extra_metrics)
     timings["total_s"] = time.perf_counter() - started
     metrics["timings"] = timings
     metrics["history"] = fitted.history
@@ -405,6 +489,8 @@ def train(
         },
     )
     save_bundle(out, bundle)  # model.json last: the run is complete from here on
+    (out / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume
+    dist.barrier()
     model.bundle = bundle
     if verbose:
         top1 = metrics.get("top1")
@@ -419,6 +505,13 @@ def train(
     return model
 
 
+def _classifier(backbones: list[Backbone], fitted: "_Fitted", classes: list[str], cfg: TrainConfig) -> Classifier:
+    """The trained model as a :class:`Classifier` (marking a tuned backbone for the feature cache)."""
+    if fitted.backbone_state:
+        backbones[0].tuned_id = state_id(fitted.backbone_state)
+    return Classifier(backbones, fitted.head, classes, tta_views=cfg.tta_views)
+
+
 @dataclass
 class _Fitted:
     """What a training mode hands back to :func:`train`."""
@@ -430,58 +523,72 @@ class _Fitted:
     eval_probs: np.ndarray  # TTA-averaged probabilities on ``eval``
     computed: int  # images that went through the network (cache misses)
     backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned backbone tensors
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # mode-specific entries of metrics.json
 
 
 def _extract_splits(
     backbones: list[Backbone],
     prepared: Prepared,
-    cfg: TrainConfig,
-    cache_root: Path,
-    verbose: bool,
+    run: _Run,
+    views: dict[str, list[str]],
+    *,
+    seed: int,
     part: str = "pooled",
     **kwargs: Any,
 ) -> tuple[dict[str, list[Item]], dict[str, dict[str, np.ndarray]], int]:
-    """Cached outputs for every training view and every test-time view of the eval split."""
-    wanted = {"train": view_names(cfg.resolved_views), "eval": cfg.tta_views}
+    """Cached outputs of ``views[split]`` for the train and eval splits; failed images are dropped.
+
+    Under torchrun each process first computes its share of the images into the
+    (shared) cache; then every process reads the whole set from it.
+    """
     kept: dict[str, list[Item]] = {}
     outputs: dict[str, dict[str, np.ndarray]] = {}
     computed = 0
+    what = {"pooled": "Features", "pixels": "Decoding"}.get(part, "Activations")
     for split_name, items in (("train", prepared.train), ("eval", prepared.eval)):
-        views = extract_concat(
-            backbones,
-            [it.path for it in items],
-            wanted[split_name],
-            shas=[it.sha256 for it in items],
-            cache_root=cache_root,
-            seed=cfg.seed,
-            part=part,
-            progress_for=lambda view, n=split_name, k=bool(items): progress_bar(
-                f"{'Features' if part == 'pooled' else 'Activations'} ({n}, {view})", enabled=verbose and k
-            ),
-            **kwargs,
+        common = {"cache_root": run.cache_root, "seed": seed, "part": part, **kwargs}
+        if dist.world_size() > 1:
+            share = [items[i] for i in dist.my_share(len(items))]
+            _extract_items(backbones, share, views[split_name], f"{what} ({split_name}", run.verbose, **common)
+            dist.barrier()
+        results = _extract_items(
+            backbones, items, views[split_name], f"{what} ({split_name}", run.verbose and dist.world_size() == 1, **common
         )
-        computed += sum(r.computed for r in views.values())
-        kept[split_name], outputs[split_name], failed = _drop_failed(items, views)
+        computed += sum(r.computed for r in results.values())
+        kept[split_name], outputs[split_name], failed = _drop_failed(items, results)
         prepared.skipped.extend(failed)
     return kept, outputs, computed
+
+
+def _extract_items(
+    backbones: list[Backbone], items: list[Item], views: list[str], title: str, verbose: bool, **kwargs: Any
+) -> dict[str, FeatureResult]:
+    """:func:`~florist.features.extract_concat` on manifest items, with a progress bar per view."""
+    return extract_concat(
+        backbones,
+        [it.path for it in items],
+        views,
+        shas=[it.sha256 for it in items],
+        progress_for=lambda view: progress_bar(f"{title}, {view})", enabled=verbose and bool(items)),
+        **kwargs,
+    )
 
 
 def _labels(items: list[Item], repeat: int = 1) -> np.ndarray:
     return np.tile(np.array([it.label for it in items], dtype=np.int64), repeat)
 
 
-def _fit_head_mode(
-    backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
-    timings: dict[str, float],
-) -> _Fitted:
+def _fit_head_mode(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, run: _Run) -> _Fitted:
     """Head mode: a linear classifier on cached pooled features of every view."""
     t = time.perf_counter()
-    kept, feats, computed = _extract_splits(backbones, prepared, cfg, cache_root, verbose)
-    timings["features_s"] = time.perf_counter() - t
     views = view_names(cfg.resolved_views)
+    kept, feats, computed = _extract_splits(
+        backbones, prepared, run, {"train": views, "eval": cfg.tta_views}, seed=cfg.seed
+    )
+    run.timings["features_s"] = time.perf_counter() - t
     eval_x = [feats["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()
-    with progress_bar("Training head", enabled=verbose, unit="steps") as bar:
+    with progress_bar("Training head", enabled=run.verbose, unit="steps") as bar:
         head, history = fit_head(
             np.concatenate([feats["train"][v] for v in views]),
             _labels(kept["train"], len(views)),
@@ -489,54 +596,40 @@ def _fit_head_mode(
             cfg,
             eval_x=eval_x,
             eval_y=_labels(kept["eval"]),
-            writer=writer,
+            writer=run.writer,
             progress=bar,
         )
-    timings["train_s"] = time.perf_counter() - t
+    run.timings["train_s"] = time.perf_counter() - t
     eval_probs = average_probabilities(head, eval_x)
     return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed)
 
 
-def _fit_tune_top(
-    backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, cache_root: Path, writer: Any, verbose: bool,
-    timings: dict[str, float],
-) -> _Fitted:
+def _fit_tune_top(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, run: _Run) -> _Fitted:
     """tune-top mode: train the last blocks and a new head on cached activations."""
     (backbone,) = backbones  # _create_backbones allows one backbone in this mode
-    split = split_backbone(backbone, cfg.blocks)
+    blocks = cfg.resolved_blocks
+    split = split_backbone(backbone, blocks)
     t = time.perf_counter()
+    views = view_names(cfg.resolved_views)
     kept, acts, computed = _extract_splits(
         backbones,
         prepared,
-        cfg,
-        cache_root,
-        verbose,
-        part=f"blocks-{cfg.blocks}",
+        run,
+        {"train": views, "eval": cfg.tta_views},
+        seed=cfg.seed,
+        part=f"blocks-{blocks}",
         network=split.bottom,
         out_shape=split.activation_shape,
         dtype=np.float16,
     )
-    timings["features_s"] = time.perf_counter() - t
-    views = view_names(cfg.resolved_views)
+    run.timings["features_s"] = time.perf_counter() - t
     train_y = _labels(kept["train"], len(views))
     torch.manual_seed(cfg.seed)
     head = build_head(linear_head_spec(backbone.num_features, len(prepared.classes), cfg.dropout))
-    top_cfg = TopConfig(
-        epochs=cfg.resolved_epochs,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr_head=cfg.resolved_lr,
-        lr_top=cfg.backbone_lr,
-        weight_decay=cfg.resolved_weight_decay,
-        label_smoothing=cfg.resolved_label_smoothing,
-        warmup=cfg.warmup,
-        seed=cfg.seed,
-        class_weights=class_weight_vector(train_y, len(prepared.classes)) if cfg.class_weights else None,
-        bf16=cfg.use_bf16,
-    )
+    top_cfg = TopConfig(**_tuning_settings(cfg, train_y, len(prepared.classes)))
     eval_acts = [acts["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()
-    with progress_bar("Tuning top blocks", enabled=verbose, unit="steps") as bar:
+    with progress_bar("Tuning top blocks", enabled=run.verbose, unit="steps") as bar:
         history = fit_top(
             split,
             head,
@@ -545,13 +638,100 @@ def _fit_tune_top(
             top_cfg,
             eval_acts=eval_acts,
             eval_y=_labels(kept["eval"]),
-            writer=writer,
+            writer=run.writer,
             progress=bar,
         )
-    timings["train_s"] = time.perf_counter() - t
+    run.timings["train_s"] = time.perf_counter() - t
     eval_probs = evaluate_top(split.top, head, eval_acts)
     state = tuned_state(backbone.model, split.top_prefixes)
     return _Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, state)
+
+
+def _tuning_settings(cfg: TrainConfig, train_y: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The :class:`~florist.tune.TopConfig` fields, shared by tune-top and finetune."""
+    return dict(
+        epochs=cfg.resolved_epochs,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr_head=cfg.resolved_lr,
+        lr_top=cfg.resolved_backbone_lr,
+        weight_decay=cfg.resolved_weight_decay,
+        label_smoothing=cfg.resolved_label_smoothing,
+        warmup=cfg.warmup,
+        seed=cfg.seed,
+        class_weights=class_weight_vector(train_y, num_classes) if cfg.class_weights else None,
+        bf16=cfg.use_bf16,
+    )
+
+
+def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, run: _Run) -> _Fitted:
+    """finetune mode: a head on cached features first, then the whole network on augmented images."""
+    (backbone,) = backbones
+    warm = _fit_head_mode(backbones, prepared, _warm_start_config(cfg), run)
+    run.timings["head_s"] = run.timings.pop("train_s")
+    prepared = Prepared(prepared.classes, warm.train, warm.eval, prepared.skipped, prepared.warnings)
+    t = time.perf_counter()
+    kept, pixels, computed = _extract_splits(
+        backbones,
+        prepared,
+        run,
+        {"train": ["square" + PIXELS], "eval": [v + PIXELS for v in cfg.tta_views]},
+        seed=cfg.seed,
+        part="pixels",
+        network=nn.Identity(),
+        dtype=np.uint8,
+    )
+    run.timings["decode_s"] = time.perf_counter() - t
+    train_y = _labels(kept["train"])
+    blocks = cfg.resolved_blocks
+    ft_cfg = FinetuneConfig(
+        **_tuning_settings(cfg, train_y, len(prepared.classes)),
+        layer_decay=cfg.layer_decay,
+        keep=cfg.keep,
+        patience=cfg.patience,
+        trainable=split_backbone(backbone, blocks).top_prefixes if blocks else None,
+        fingerprint=_fingerprint(cfg, kept),
+    )
+    t = time.perf_counter()
+    with progress_bar("Fine-tuning", enabled=run.verbose, unit="steps") as bar:
+        history, eval_probs, info = fit_finetune(
+            backbone.model,
+            warm.head,
+            backbone.data_config,
+            pixels["train"]["square" + PIXELS],
+            train_y,
+            ft_cfg,
+            device=run.device,
+            eval_pixels=[pixels["eval"][v + PIXELS] for v in cfg.tta_views],
+            eval_y=_labels(kept["eval"]),
+            out=run.out,
+            resume=run.resume,
+            writer=run.writer,
+            progress=bar,
+        )
+    run.timings["train_s"] = time.perf_counter() - t
+    state = tuned_state(backbone.model, ft_cfg.trainable or [""])
+    return _Fitted(
+        warm.head, asdict(history), kept["train"], kept["eval"], eval_probs, warm.computed + computed, state,
+        extra_metrics={"finetune": {**info, "head_warm_start_top1": warm.history["eval_top1"][-1]}},
+    )
+
+
+def _warm_start_config(cfg: TrainConfig) -> TrainConfig:
+    """Head-mode settings for finetune's starting head: head defaults, clean features only."""
+    return replace(
+        cfg, mode="head", epochs=None, steps=None, lr=None, views=0, label_smoothing=None, weight_decay=None
+    )
+
+
+def _fingerprint(cfg: TrainConfig, kept: dict[str, list[Item]]) -> str:
+    """Settings + exact training/eval images: a checkpoint is resumed only for the same run."""
+    payload = {"config": asdict(cfg), "images": {k: [(it.sha256, it.label) for it in v] for k, v in kept.items()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+#: Training function of each mode.
+FIT = {"head": _fit_head_mode, "tune-top": _fit_tune_top, "finetune": _fit_finetune}
 
 
 def _version() -> str:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import FloristError
-from .loop import History, average_probabilities, run_steps, tta_top1
+from .loop import History, average_probabilities, run_steps, tta_top1, warmup_cosine
 from .progress import ProgressFn
 
 
@@ -111,7 +111,8 @@ def bf16_is_fast() -> bool:
         return False
 
 
-def _freeze_bn_stats(module: nn.Module) -> None:
+def freeze_bn_stats(module: nn.Module) -> None:
+    """Keep batch-norm running statistics fixed while the rest of ``module`` trains."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
@@ -132,6 +133,10 @@ class TopConfig:
     seed: int
     class_weights: torch.Tensor | None = None
     bf16: bool = False  # autocast the forward pass to bfloat16
+
+    def total_steps(self, n_examples: int) -> int:
+        """``steps`` if set, else ``epochs`` passes over ``n_examples`` in batches."""
+        return self.steps or self.epochs * math.ceil(n_examples / self.batch_size)
 
 
 def _top_forward(top: nn.Module, head: nn.Module):
@@ -176,16 +181,8 @@ def fit_top(
         [{"params": top.parameters(), "lr": cfg.lr_top}, {"params": head.parameters(), "lr": cfg.lr_head}],
         weight_decay=cfg.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    warm = max(1, int(cfg.warmup * total))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    total = cfg.total_steps(len(y))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
     loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
 
     logits_of = _top_forward(top, head)
@@ -197,7 +194,7 @@ def fit_top(
     def train_mode() -> None:
         top.train()
         head.train()
-        _freeze_bn_stats(top)
+        freeze_bn_stats(top)
 
     def evaluate() -> float:
         top.eval()

@@ -1,0 +1,131 @@
+"""Multi-process runs under ``torchrun``: one process per core group or GPU.
+
+``torchrun --nproc_per_node=N -m florist train ...`` starts N copies of the same
+command with ``RANK``/``WORLD_SIZE`` set. Florist then
+
+* shares feature extraction: each process computes every N-th image into the
+  shared feature cache, and after a barrier all of them read the full set;
+* trains ``--mode finetune`` with DistributedDataParallel: each process takes
+  every N-th example of the same global batch, so N processes take the same
+  steps as one (batch-norm statistics are frozen, so nothing else differs);
+* writes the run folder from rank 0 only.
+
+Without ``torchrun`` every function here is a cheap no-op, so the rest of the
+code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import FloristError
+
+
+def world_size() -> int:
+    """Number of processes in this run (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's index (0 without torchrun)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True in the process that writes files and logs."""
+    return rank() == 0
+
+
+def launch_rank() -> int:
+    """The rank torchrun gave this process (0 without torchrun), valid before and after :func:`init`."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment asks for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> this process's CUDA GPU, else Apple MPS, else the CPU; other names as given.
+
+    Raises:
+        FloristError: a device that this machine does not have.
+    """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FloristError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FloristError(f"--device {name}: no CUDA GPU is available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FloristError(f"--device {name}: Apple MPS is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    return device
+
+
+def init(device: torch.device) -> bool:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA).
+
+    Returns:
+        True if this call joined it (and the caller should :func:`shutdown` it).
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def my_share(n: int) -> list[int]:
+    """Indices ``0..n-1`` this process handles: every ``world_size``-th, from its rank."""
+    return list(range(rank(), n, world_size()))
+
+
+def gather_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """Reassemble an ``[n, ...]`` array from each process's :func:`my_share` rows."""
+    if world_size() == 1:
+        return rows
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, rows)
+    out = np.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+    for r, part in enumerate(parts):
+        out[r::world_size()] = part
+    return out
+
+
+def broadcast_flag(value: bool) -> bool:
+    """Rank 0's ``value`` in every process (so all of them stop at the same epoch)."""
+    if world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(value)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

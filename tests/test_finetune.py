@@ -1,0 +1,227 @@
+"""finetune: augmentation, optimiser groups, early stopping, the full run, resuming, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import florist
+from florist import FloristError
+from florist.backbones import create_backbone
+from florist.distributed import pick_device
+from florist.finetune import (
+    CHECKPOINT,
+    FinetuneConfig,
+    Network,
+    _Tracker,
+    augmented_batch,
+    layerwise_groups,
+)
+from florist.loop import History
+
+TINY = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 6, "warmup": 0.25}
+
+
+def _cfg(**changes) -> FinetuneConfig:
+    base = dict(
+        epochs=1, steps=None, batch_size=4, lr_head=1e-3, lr_top=5e-4, weight_decay=0.05,
+        label_smoothing=0.1, warmup=0.1, seed=0,
+    )
+    return FinetuneConfig(**{**base, **changes})
+
+
+def test_augmented_views_do_not_depend_on_how_a_batch_is_split() -> None:
+    """Two processes each augmenting half a batch see exactly what one process would."""
+    squares = np.random.default_rng(0).integers(0, 255, (4, 3, 64, 64), dtype=np.uint8)
+    whole = augmented_batch(squares, [0, 1, 2, 3], step=5, seed=0, size=48)
+    halves = torch.cat([augmented_batch(squares, ix, step=5, seed=0, size=48) for ix in ([0, 1], [2, 3])])
+    assert whole.shape == (4, 3, 48, 48)
+    assert float(whole.min()) >= 0 and float(whole.max()) <= 255
+    assert torch.equal(whole, halves)
+    other_step = augmented_batch(squares, [0, 1, 2, 3], step=6, seed=0, size=48)
+    assert not torch.equal(whole, other_step)  # a new step draws new views
+
+
+def test_augmentation_crops_flips_and_jitters_like_its_parameters() -> None:
+    """A whole-image box with no flip and unit factors gives back the resized image itself."""
+    from florist import finetune
+
+    square = np.random.default_rng(1).integers(0, 255, (1, 3, 32, 32), dtype=np.uint8)
+    identity = [0.0, 0.0, 32.0, 32.0, 0.0, 1.0, 1.0, 1.0]
+    original = finetune._view_params
+    try:
+        finetune._view_params = lambda *a: identity
+        same = augmented_batch(square, [0], step=0, seed=0, size=32)
+        finetune._view_params = lambda *a: identity[:4] + [1.0, 1.0, 1.0, 1.0]
+        mirrored = augmented_batch(square, [0], step=0, seed=0, size=32)
+        finetune._view_params = lambda *a: identity[:4] + [0.0, 1.0, 1.0, 0.0]
+        grey = augmented_batch(square, [0], step=0, seed=0, size=32)
+    finally:
+        finetune._view_params = original
+    torch.testing.assert_close(same[0], torch.from_numpy(square[0]).float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(mirrored, same.flip(-1))
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])  # saturation 0
+
+
+def test_learning_rates_shrink_towards_the_stem() -> None:
+    backbone = create_backbone("efficientnet_lite0")
+    backbone.model.requires_grad_(True)
+    head = torch.nn.Linear(backbone.num_features, 3)
+    groups = layerwise_groups(backbone.model, head, _cfg(layer_decay=0.8))
+    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in groups[:-1] for p in g["params"]}
+    assert lr_of["conv_stem.weight"] < lr_of["blocks.3.0.conv_pw.weight"] < lr_of["conv_head.weight"]
+    assert lr_of["conv_head.weight"] == pytest.approx(5e-4)
+    assert groups[-1]["lr"] == pytest.approx(1e-3)  # the head's own rate
+    assert set(lr_of) == set(names.values()), "every backbone parameter is in a group"
+
+
+def test_tracker_stops_after_patience_epochs_without_improvement() -> None:
+    net = Network(torch.nn.Linear(2, 2), torch.nn.Identity(), {"mean": [0.5] * 3, "std": [0.5] * 3})
+    tracker = _Tracker(_cfg(patience=2), net, None, save=lambda state: None)
+    history = History()
+    decisions = []
+    for top1 in (0.5, 0.6, 0.55, 0.58, 0.59):
+        history.add(len(history.step) + 1, 1.0, 0.5, top1, 1e-3)
+        decisions.append(tracker(history))
+    assert decisions == [False, False, False, True, True]
+    assert (tracker.best_epoch, tracker.best_top1) == (1, 0.6)
+
+
+def test_device_choice() -> None:
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FloristError, match="no CUDA GPU"):
+            pick_device("cuda")
+    with pytest.raises(FloristError, match="unknown device"):
+        pick_device("abacus")
+
+
+@pytest.fixture(scope="module")
+def finetuned(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ft") / "run"
+    florist.train(photos, run, **TINY)
+    return run
+
+
+def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: Path) -> None:
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    assert metrics["mode"] == "finetune"
+    assert metrics["history"]["step"][-1] == 4
+    assert not (finetuned / CHECKPOINT).exists(), "a finished run keeps no checkpoint"
+    state = load_file(finetuned / "model.safetensors")
+    pretrained = create_backbone("efficientnet_lite0").model.state_dict()
+    stem = state["backbone.conv_stem.weight"]
+    assert not torch.equal(stem, pretrained["conv_stem.weight"]), "the stem was trained too"
+    assert torch.equal(state["backbone.bn1.running_mean"], pretrained["bn1.running_mean"]), "BN stats frozen"
+
+    model = florist.load(finetuned)
+    eval_rows = (finetuned / "eval.csv").read_text().splitlines()[1:]
+    paths = [row.split(",")[0] for row in eval_rows]
+    labels = [row.split(",")[1] for row in eval_rows]
+    predictions = model.predict(paths, top_k=1)
+    top1 = np.mean([p.labels[0] == label for p, label in zip(predictions, labels)])
+    assert top1 == pytest.approx(metrics["top1"])
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(photos: Path, tmp_path: Path, finetuned: Path) -> None:
+    """Kill after the first epoch's checkpoint; the rerun continues and ends bit-identical."""
+    import florist.finetune as ft
+
+    run = tmp_path / "run"
+    original = ft._Tracker.__call__
+
+    def crash_after_checkpoint(self, history):
+        stop = original(self, history)
+        raise KeyboardInterrupt("simulated kill")
+        return stop
+
+    settings = {**TINY, "steps": 8, "batch_size": 9}  # 18 training images: 2 steps per epoch
+    ft._Tracker.__call__ = crash_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            florist.train(photos, run, **settings)
+    finally:
+        ft._Tracker.__call__ = original
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=True)
+    assert checkpoint["history"]["step"] == [2]
+
+    florist.train(photos, run, **settings)
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["finetune"]["resumed_from_epoch"] == 1
+
+    fresh = tmp_path / "fresh"
+    florist.train(photos, fresh, **settings)
+    a, b = load_file(run / "model.safetensors"), load_file(fresh / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(photos: Path, tmp_path: Path) -> None:
+    import florist.finetune as ft
+
+    run = tmp_path / "run"
+    original = ft._Tracker.__call__
+
+    def crash(self, history):
+        original(self, history)
+        raise KeyboardInterrupt
+
+    ft._Tracker.__call__ = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            florist.train(photos, run, **{**TINY, "steps": 8, "batch_size": 9})
+    finally:
+        ft._Tracker.__call__ = original
+    florist.train(photos, run, **{**TINY, "steps": 8, "batch_size": 9, "seed": 1})
+    assert json.loads((run / "metrics.json").read_text())["finetune"]["resumed_from_epoch"] == 0
+
+
+def test_finetune_settings_are_checked(photos: Path, tmp_path: Path) -> None:
+    with pytest.raises(FloristError, match="keep"):
+        florist.train(photos, tmp_path / "r", mode="finetune", keep="median")
+    with pytest.raises(FloristError, match="layer decay"):
+        florist.train(photos, tmp_path / "r", mode="finetune", layer_decay=0)
+    with pytest.raises(FloristError, match="several are for --mode head"):
+        florist.train(photos, tmp_path / "r", mode="finetune", backbone="efficientnet_lite0,efficientnet_lite1")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(photos: Path, tmp_path: Path, finetuned: Path) -> None:
+    """2 CPU processes (gloo) split every batch and reach the single-process weights."""
+    run = tmp_path / "ddp"
+    args = [
+        "--mode", "finetune", "--eval-fraction", "0.25", "--steps", "4", "--batch-size", "6",
+        "--warmup", "0.25", "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*cmd, "-m", "florist", "train", str(photos), "--out", str(run), *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_file(finetuned / "model.safetensors")
+    two = load_file(run / "model.safetensors")
+    assert one.keys() == two.keys()
+    # Same steps on the same examples: the weight updates agree up to float rounding
+    # (bf16 kernels round differently for batches of 3 and 6, and Adam amplifies
+    # rounding in near-zero gradients), far closer than any other run would be.
+    pretrained = create_backbone("efficientnet_lite0").model.state_dict()
+    start = {k: pretrained[k.removeprefix("backbone.")] if k.startswith("backbone.") else 0 for k in one}
+    u1 = torch.cat([(one[k].float() - start[k]).flatten() for k in one])
+    u2 = torch.cat([(two[k].float() - start[k]).flatten() for k in one])
+    assert torch.nn.functional.cosine_similarity(u1, u2, dim=0) > 0.999
+    assert (u1 - u2).norm() / u1.norm() < 0.05
+    m1 = json.loads((finetuned / "metrics.json").read_text())
+    m2 = json.loads((run / "metrics.json").read_text())
+    assert (m2["n_train"], m2["n_eval"], m2["history"]["step"]) == (m1["n_train"], m1["n_eval"], m1["history"]["step"])
