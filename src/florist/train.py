@@ -31,6 +31,7 @@ from .evaluate import compute_metrics
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors, view_names
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 from .files import atomic_write_json
+from .tfrecord import is_record_data, prepare_records
 from .predict import Classifier
 from .runinfo import run_info
 from .loop import History, average_probabilities, run_steps, tta_top1
@@ -316,7 +317,8 @@ def train(
     """Prepare ``data_dir``, train a classifier and save it as a bundle in ``out_dir``.
 
     Args:
-        data_dir: ``<folder>/<class>/<images>``.
+        data_dir: ``<folder>/<class>/<images>``, or TFRecord data: a file or a folder of
+            ``*.tfrecord`` files with ``labels.txt`` (see :func:`florist.tfrecord.prepare_records`).
         out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
             model.json (written last), metrics.json, run.json (how to reproduce it) and
             TensorBoard logs under ``tb/``.
@@ -342,9 +344,8 @@ def train(
 
     t = time.perf_counter()
     with progress_bar("Checking images", enabled=verbose) as bar:
-        prepared = prepare(
+        prepared = (prepare_records if is_record_data(data_dir) else prepare)(
             data_dir,
-            None,
             eval_fraction=cfg.eval_fraction,
             train_per_class=cfg.train_per_class,
             seed=cfg.seed,
