@@ -73,17 +73,31 @@ def prepare(
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
     seed: int = Seed,
+    data_format: str = typer.Option(
+        "csv",
+        "--format",
+        help="csv: train.csv/eval.csv listing the photo paths; tfrecord: train/eval .tfrecord files holding "
+        "the photos themselves (tf.train.Example), for another machine or TensorFlow.",
+    ),
+    shards: int = typer.Option(1, help="tfrecord: files per split (train-00000-of-0000N.tfrecord ...)."),
     quiet: bool = Quiet,
 ) -> None:
-    """Check every image, split train/eval, write labels.txt, train.csv, eval.csv, skipped.csv."""
+    """Check every image, split train/eval, write labels.txt, the split (train/eval .csv or .tfrecord), skipped.csv."""
     from .data import prepare as run_prepare
     from .progress import progress_bar
+    from .tfrecord import FORMATS, prepare_tfrecords
 
     _setup_logging(quiet)
+    if data_format not in FORMATS:
+        raise FloristError(f"--format must be one of {', '.join(FORMATS)}, got {data_format!r}")
+    if data_format != "tfrecord" and shards != 1:
+        raise FloristError("--shards applies to --format tfrecord")
+    split = {"eval_fraction": eval_fraction, "train_per_class": train_per_class, "seed": seed}
     with progress_bar("Checking images", enabled=not quiet) as bar:
-        result = run_prepare(
-            data_dir, out_dir, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed, progress=bar
-        )
+        if data_format == "tfrecord":
+            result = prepare_tfrecords(data_dir, out_dir, shards=shards, progress=bar, **split)
+        else:
+            result = run_prepare(data_dir, out_dir, progress=bar, **split)
     for message in result.warnings:
         logging.getLogger("florist").warning(message)
     if not quiet:
@@ -96,7 +110,9 @@ def prepare(
 @app.command()
 @friendly_errors
 def train(
-    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
+    data_dir: Path = typer.Argument(
+        ..., help="Folder of class folders, or TFRecord data: a .tfrecord file or a folder of them with labels.txt."
+    ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the model, metrics and logs."),
     mode: Optional[str] = typer.Option(
         None,

@@ -20,10 +20,11 @@ import random
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +50,9 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 #: thread-safe: unguarded, parallel decoding left the "error" filter installed
 #: for good. Only the (fast) header read is serialised; decoding stays parallel.
 _OPEN_LOCK = threading.Lock()
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BadImage(Exception):
@@ -224,11 +228,15 @@ def _candidate_files(folder: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def check_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
-    """Read and fully decode one file; return its SHA-256 or raise :class:`BadImage`."""
-    data = read_file(path)
+def check_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Fully decode one image's bytes; return their SHA-256 or raise :class:`BadImage`."""
     decode_image(data, max_pixels=max_pixels, draft_size=64)
     return sha256_bytes(data)
+
+
+def check_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Read and fully decode one file; return its SHA-256 or raise :class:`BadImage`."""
+    return check_bytes(read_file(path), max_pixels)
 
 
 def scan(
@@ -273,7 +281,7 @@ def scan(
         for path in _candidate_files(folders[name])
         if not _is_hidden(path, root)
     ]
-    results = _check_all([p for _, p in candidates], max_pixels, workers, progress)
+    results = check_all(lambda p: check_file(p, max_pixels), [p for _, p in candidates], workers, progress)
     index = {name: i for i, name in enumerate(class_names)}
     items: list[Item] = []
     skipped: list[Skipped] = []
@@ -285,24 +293,29 @@ def scan(
     return Dataset(class_names, items, skipped)
 
 
-def _check_all(
-    paths: list[Path], max_pixels: int, workers: int | None, progress: ProgressFn | None
-) -> list[str | BadImage]:
-    """Check files in parallel; each result is a SHA-256 string or the :class:`BadImage`."""
+def check_all(
+    check: Callable[[T], R], inputs: Sequence[T], workers: int | None, progress: ProgressFn | None
+) -> list[R | BadImage]:
+    """Run ``check`` on every input in threads (Pillow releases the GIL); a :class:`BadImage`
+    is returned in its input's place, any other exception propagates."""
 
-    def one(path: Path):
+    def one(x: T) -> R | BadImage:
         try:
-            return check_file(path, max_pixels)
+            return check(x)
         except BadImage as e:
             return e
 
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     results = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, result in enumerate(pool.map(one, paths), 1):
-            results.append(result)
-            if progress is not None:
-                progress(i, len(paths))
+        try:
+            for i, result in enumerate(pool.map(one, inputs), 1):
+                results.append(result)
+                if progress is not None:
+                    progress(i, len(inputs))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # fail now, not after checking every other input
+            raise
     return results
 
 
@@ -406,17 +419,27 @@ def _order(item: Item) -> tuple[int, str]:
 MANIFEST_HEADER = ("path", "label", "sha256")
 
 
+def write_labels(run_dir: str | Path, classes: Sequence[str]) -> None:
+    """``labels.txt``: one class name per line, line number = label index."""
+    atomic_write_text(Path(run_dir) / "labels.txt", "".join(f"{c}\n" for c in classes))
+
+
+def write_skipped(run_dir: str | Path, skipped: Sequence[Skipped]) -> None:
+    """``skipped.csv``: every file left out, and why."""
+    atomic_write_csv(Path(run_dir) / "skipped.csv", ("path", "reason"), ((s.path, s.reason) for s in skipped))
+
+
 def write_manifests(run_dir: str | Path, prepared: Prepared) -> None:
     """Write ``labels.txt``, ``train.csv``, ``eval.csv`` and ``skipped.csv`` atomically."""
     run = Path(run_dir)
-    atomic_write_text(run / "labels.txt", "".join(f"{c}\n" for c in prepared.classes))
+    write_labels(run, prepared.classes)
     for name, items in (("train.csv", prepared.train), ("eval.csv", prepared.eval)):
         atomic_write_csv(
             run / name,
             MANIFEST_HEADER,
             ((it.path, prepared.classes[it.label], it.sha256) for it in items),
         )
-    atomic_write_csv(run / "skipped.csv", ("path", "reason"), ((s.path, s.reason) for s in prepared.skipped))
+    write_skipped(run, prepared.skipped)
 
 
 def read_labels(run_dir: str | Path) -> list[str]:
@@ -458,13 +481,20 @@ def prepare(
         ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
     """
     ds = scan(data_dir, max_pixels=max_pixels, progress=progress)
-    needs_eval = train_per_class is not None or (eval_fraction or 0) > 0
-    ds = drop_small_classes(ds, minimum=2 if needs_eval else 1)
-    train, evaluation = split(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
-    prepared = Prepared(ds.classes, train, evaluation, ds.skipped, ds.warnings)
+    prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
     if out_dir is not None:
         write_manifests(out_dir, prepared)
     return prepared
+
+
+def split_dataset(
+    ds: Dataset, *, eval_fraction: float | None = 0.2, train_per_class: int | None = None, seed: int = 0
+) -> Prepared:
+    """Leave out classes too small to split (with a warning), then :func:`split` the rest."""
+    needs_eval = train_per_class is not None or (eval_fraction or 0) > 0
+    ds = drop_small_classes(ds, minimum=2 if needs_eval else 1)
+    train, evaluation = split(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+    return Prepared(ds.classes, train, evaluation, ds.skipped, ds.warnings)
 
 
 def iter_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:

@@ -29,9 +29,10 @@ from safetensors.numpy import save as st_save
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .data import BadImage, decode_image, read_file
+from .data import BadImage, decode_image
 from .files import atomic_write_bytes, sha256_bytes
 from .progress import ProgressFn
+from .tfrecord import read_image_bytes
 
 #: Bump when the way features are computed changes, so stale cache entries are not reused.
 FEATURE_VERSION = 1
@@ -230,7 +231,7 @@ class FeatureCache:
 
 
 class _ImageFiles(Dataset):
-    """Reads, hashes and preprocesses files; a bad file yields its error instead of raising."""
+    """Reads, hashes and preprocesses files (or TFRecord records); a bad one yields its error instead of raising."""
 
     def __init__(self, paths: Sequence[str], data_config: dict[str, Any], view: str = "clean", seed: int = 0):
         self.paths = list(paths)
@@ -245,7 +246,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str]:
         try:
-            data = read_file(self.paths[i])
+            data = read_image_bytes(self.paths[i])  # a file or a TFRecord record
             image = load_for_backbone(data, self.data_config)
             sha = sha256_bytes(data)
             if not is_random_view(self.view):
@@ -317,7 +318,7 @@ def extract_features(
 
     Args:
         backbone: from :func:`florist.backbones.create_backbone`.
-        paths: image files.
+        paths: image files, or TFRecord records named by :func:`florist.tfrecord.record_ref`.
         shas: known content hashes (from a manifest) so cached images are not even read;
             without them each file is read and hashed, and the network still runs only
             for images missing from the cache.

@@ -38,6 +38,8 @@ def package_versions() -> dict[str, str | None]:
 def data_hash(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item]) -> str:
     """SHA-256 over (relative path, class, content hash) of every image used, in a fixed order."""
     root = Path(data_dir).resolve()
+    if root.is_file():  # a TFRecord file: its records are named "<file>#<offset>"
+        root = root.parent
     h = hashlib.sha256()
     rows = sorted(
         (str(Path(it.path).resolve().relative_to(root)), classes[it.label], it.sha256) for it in items

@@ -55,6 +55,7 @@ from .loop import History, average_probabilities, run_steps, tta_top1
 from .predict import Classifier
 from .progress import ProgressFn, progress_bar
 from .runinfo import run_info
+from .tfrecord import is_record_data, prepare_records
 from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
 
 log = logging.getLogger("florist")
@@ -369,7 +370,8 @@ def train(
     """Prepare ``data_dir``, train a classifier and save it as a bundle in ``out_dir``.
 
     Args:
-        data_dir: ``<folder>/<class>/<images>``.
+        data_dir: ``<folder>/<class>/<images>``, or TFRecord data: a file or a folder of
+            ``*.tfrecord`` files with ``labels.txt`` (see :func:`florist.tfrecord.prepare_records`).
         out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
             model.json (written last), metrics.json, run.json (how to reproduce it) and
             TensorBoard logs under ``tb/``.
@@ -425,9 +427,8 @@ def _train(
 
     t = time.perf_counter()
     with progress_bar("Checking images", enabled=verbose) as bar:
-        prepared = prepare(
+        prepared = (prepare_records if is_record_data(data_dir) else prepare)(
             data_dir,
-            None,
             eval_fraction=cfg.eval_fraction,
             train_per_class=cfg.train_per_class,
             seed=cfg.seed,

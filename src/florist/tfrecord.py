@@ -1,0 +1,590 @@
+"""TFRecord interchange: a prepared split as standard ``tf.train.Example`` records, and back.
+
+``florist prepare PHOTOS --out RUN --format tfrecord`` packs the photos into
+``train.tfrecord`` and ``eval.tfrecord`` (or shards ``train-00000-of-00004.tfrecord``
+...) next to ``labels.txt``, so the data travels as a few files and TensorFlow
+reads it with ``tf.data.TFRecordDataset``. ``florist train`` takes such a file or
+folder as its data (see :func:`prepare_records`).
+
+Record framing (TensorFlow's format), little-endian::
+
+    uint64 length | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
+    masked_crc32c(b) = ((crc >> 15) | (crc << 17)) + 0xA282EAD8  (mod 2**32), crc = CRC-32C(b)
+
+Every record read is checked against both checksums; a mismatch or a truncated
+file is a :class:`FloristError` naming the file and the record's byte offset.
+
+Each record's data is a ``tf.train.Example`` with the feature names TensorFlow's
+image pipelines use: ``image/encoded`` (the original file's bytes, untouched),
+``image/format``, ``image/height``, ``image/width`` (as stored, before any EXIF
+rotation, which is what ``tf.io.decode_image`` returns), ``image/class/label``
+(0-based line of ``labels.txt``), ``image/class/text`` and ``image/filename``
+(path relative to the photo folder). The Example message is declared from its
+field numbers with protobuf's descriptor API, so no TensorFlow is needed.
+
+Inside florist a record is addressed as ``"<file>#<byte offset>"`` (see
+:func:`record_ref`); :func:`read_image_bytes` resolves it, so the feature
+extraction, ``train.csv``/``eval.csv`` of a run and ``florist evaluate RUN`` work
+on records exactly as on files.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import random
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import google_crc32c
+from PIL import Image
+
+from .data import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    Dataset,
+    Item,
+    Prepared,
+    Skipped,
+    check_all,
+    check_bytes,
+    prepare,
+    read_file,
+    read_labels,
+    split_dataset,
+    write_labels,
+    write_skipped,
+)
+from .errors import FloristError
+from .files import atomic_open, sha256_bytes
+from .progress import ProgressFn
+
+SUFFIX = ".tfrecord"
+SPLITS = ("train", "eval")
+FORMATS = ("csv", "tfrecord")
+
+_HEADER = struct.Struct("<QI")  # data length, masked CRC of the 8 length bytes
+_FOOTER = struct.Struct("<I")  # masked CRC of the data
+_MASK_DELTA = 0xA282EAD8
+
+FeatureValue = bytes | str | int | float | Sequence[bytes | str | int | float]
+
+
+# ---------------------------------------------------------------------------
+# Record framing
+# ---------------------------------------------------------------------------
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TensorFlow's masked CRC-32C: rotate right by 15 bits and add a constant.
+
+    The mask keeps the checksum of data that itself contains checksums from being trivial.
+    """
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def write_record(f: BinaryIO, data: bytes) -> None:
+    """Append one framed record to an open binary file."""
+    length = struct.pack("<Q", len(data))
+    f.write(length + struct.pack("<I", masked_crc32c(length)) + data + _FOOTER.pack(masked_crc32c(data)))
+
+
+def _read_header(f: BinaryIO, path: Path, offset: int, size: int) -> int | None:
+    """The data length of the record at ``offset`` (None at a clean end of file), checked."""
+    header = f.read(_HEADER.size)
+    if not header:
+        return None
+    hint = "; is it a TFRecord file?" if offset == 0 else ""
+    truncated = f"{path}: truncated record at byte {offset} (file ends at byte {size}){hint}"
+    if len(header) < _HEADER.size:
+        raise FloristError(truncated)
+    length, length_crc = _HEADER.unpack(header)
+    if masked_crc32c(header[:8]) != length_crc:
+        raise FloristError(f"{path}: corrupt record at byte {offset} (length checksum mismatch){hint}")
+    if offset + _HEADER.size + length + _FOOTER.size > size:
+        raise FloristError(truncated)
+    return length
+
+
+def _read_data(f: BinaryIO, path: Path, offset: int, length: int) -> bytes:
+    data = f.read(length)
+    (data_crc,) = _FOOTER.unpack(f.read(_FOOTER.size))
+    if masked_crc32c(data) != data_crc:
+        raise FloristError(f"{path}: corrupt record at byte {offset} (data checksum mismatch)")
+    return data
+
+
+def _open(path: Path) -> tuple[BinaryIO, int]:
+    try:
+        return open(path, "rb"), path.stat().st_size
+    except OSError as e:
+        raise FloristError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, data)`` of every record in one TFRecord file, both checksums verified.
+
+    Raises:
+        FloristError: unreadable file, truncated or corrupt record (names file and offset).
+    """
+    path = Path(path)
+    f, size = _open(path)
+    with f:
+        offset = 0
+        while (length := _read_header(f, path, offset, size)) is not None:
+            yield offset, _read_data(f, path, offset, length)
+            offset += _HEADER.size + length + _FOOTER.size
+
+
+def record_offsets(path: str | Path) -> list[int]:
+    """Byte offset of every record, reading only the (checked) headers; data is verified on read."""
+    path = Path(path)
+    f, size = _open(path)
+    offsets = []
+    with f:
+        offset = 0
+        while (length := _read_header(f, path, offset, size)) is not None:
+            offsets.append(offset)
+            offset += _HEADER.size + length + _FOOTER.size
+            f.seek(offset)
+    return offsets
+
+
+def read_record(path: str | Path, offset: int) -> bytes:
+    """The data of the record starting at ``offset``, both checksums verified."""
+    path = Path(path)
+    f, size = _open(path)
+    with f:
+        f.seek(offset)
+        length = _read_header(f, path, offset, size)
+        if length is None:
+            raise FloristError(f"{path}: no record at byte {offset} (file ends at byte {size})")
+        return _read_data(f, path, offset, length)
+
+
+# ---------------------------------------------------------------------------
+# tf.train.Example
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _example_type() -> type:
+    """A protobuf message class wire-compatible with ``tf.train.Example``.
+
+    Declared in code from the field numbers of the message family (Example.features = 1;
+    Features.feature = 1, a map<string, Feature>; Feature is a oneof of bytes_list = 1,
+    float_list = 2, int64_list = 3; each list's value = 1, numbers packed), in a private
+    descriptor pool so it never clashes with TensorFlow's own classes in one process.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="florist/tf_example.proto", package="florist.tf", syntax="proto3")
+
+    def add(name: str, *fields: dict, into=None) -> descriptor_pb2.DescriptorProto:
+        message = (into.nested_type if into is not None else file.message_type).add(name=name)
+        for spec in fields:
+            message.field.add(**spec)
+        return message
+
+    def spec(name: str, number: int, type_: int, type_name: str | None, label: int, **extra) -> dict:
+        named = {"type_name": type_name} if type_name else {}  # only message fields name a type
+        return {"name": name, "number": number, "type": type_, "label": label, **named, **extra}
+
+    def repeated(name: str, number: int, type_: int, type_name: str | None = None) -> dict:
+        return spec(name, number, type_, type_name, field.LABEL_REPEATED)
+
+    def single(name: str, number: int, type_: int, type_name: str | None = None, **extra) -> dict:
+        return spec(name, number, type_, type_name, field.LABEL_OPTIONAL, **extra)
+
+    add("BytesList", repeated("value", 1, field.TYPE_BYTES))
+    add("FloatList", repeated("value", 1, field.TYPE_FLOAT))
+    add("Int64List", repeated("value", 1, field.TYPE_INT64))
+    feature = add(
+        "Feature",
+        single("bytes_list", 1, field.TYPE_MESSAGE, ".florist.tf.BytesList", oneof_index=0),
+        single("float_list", 2, field.TYPE_MESSAGE, ".florist.tf.FloatList", oneof_index=0),
+        single("int64_list", 3, field.TYPE_MESSAGE, ".florist.tf.Int64List", oneof_index=0),
+    )
+    feature.oneof_decl.add(name="kind")
+    features = add("Features", repeated("feature", 1, field.TYPE_MESSAGE, ".florist.tf.Features.FeatureEntry"))
+    entry = add(
+        "FeatureEntry",
+        single("key", 1, field.TYPE_STRING),
+        single("value", 2, field.TYPE_MESSAGE, ".florist.tf.Feature"),
+        into=features,
+    )
+    entry.options.map_entry = True
+    add("Example", single("features", 1, field.TYPE_MESSAGE, ".florist.tf.Features"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(file.SerializeToString())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("florist.tf.Example"))
+
+
+def encode_example(features: Mapping[str, FeatureValue]) -> bytes:
+    """Serialise ``{name: value or list of values}`` as a ``tf.train.Example``.
+
+    bytes and str (UTF-8) become a bytes_list, int an int64_list, float a float_list.
+    Map entries are written in key order, so equal input gives equal bytes.
+    """
+    example = _example_type()()
+    for key, value in features.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        feature = example.features.feature[key]
+        if all(isinstance(v, (bytes, str)) for v in values):
+            feature.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else v for v in values)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            feature.int64_list.value.extend(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            feature.float_list.value.extend(values)
+        else:
+            raise TypeError(f"feature {key!r}: values must be all bytes/str, all int or all float, got {values!r}")
+    return example.SerializeToString(deterministic=True)
+
+
+def decode_example(data: bytes) -> dict[str, list]:
+    """A ``tf.train.Example``'s features as ``{name: list of bytes, int or float}``.
+
+    Raises:
+        google.protobuf.message.DecodeError: when ``data`` is not a serialised Example.
+    """
+    example = _example_type()()
+    example.ParseFromString(data)
+    out: dict[str, list] = {}
+    for key, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        out[key] = list(getattr(feature, kind).value) if kind else []
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Image records
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image as stored in a record."""
+
+    image: bytes  # the original file's bytes
+    label: int  # 0-based index into labels.txt
+    text: str  # class name
+    filename: str  # path relative to the photo folder ("roses/123.jpg")
+    height: int
+    width: int
+    format: str  # "jpeg", "png", ...
+
+    def to_example(self) -> bytes:
+        return encode_example(
+            {
+                "image/encoded": self.image,
+                "image/format": self.format,
+                "image/height": self.height,
+                "image/width": self.width,
+                "image/class/label": self.label,
+                "image/class/text": self.text,
+                "image/filename": self.filename,
+            }
+        )
+
+
+def _parse_image_record(data: bytes, where: str) -> ImageRecord:
+    """An :class:`ImageRecord` from an Example; ``where`` ("FILE: record at byte N") starts errors."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        features = decode_example(data)
+    except DecodeError as e:
+        raise FloristError(f"{where} is not a tf.train.Example ({e})") from None
+
+    def one(key: str, kind: type, default=None):
+        values = features.get(key, [])
+        if not values and default is not None:
+            return default
+        if len(values) != 1 or not isinstance(values[0], kind):
+            raise FloristError(f"{where} has no single {kind.__name__} feature {key!r}")
+        return values[0]
+
+    text = one("image/class/text", bytes, b"")
+    filename = one("image/filename", bytes, b"")
+    return ImageRecord(
+        image=one("image/encoded", bytes),
+        label=one("image/class/label", int),
+        text=text.decode("utf-8", errors="replace"),
+        filename=filename.decode("utf-8", errors="replace"),
+        height=one("image/height", int, 0),
+        width=one("image/width", int, 0),
+        format=one("image/format", bytes, b"").decode("ascii", errors="replace"),
+    )
+
+
+def _record_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob(f"*{SUFFIX}") if p.is_file())
+        if not files:
+            raise FloristError(f"no *{SUFFIX} files in {path}")
+        return files
+    if not path.exists():
+        raise FloristError(f"TFRecord file not found: {path}")
+    return [path]
+
+
+def read_tfrecords(path: str | Path) -> Iterator[ImageRecord]:
+    """Every image record in a TFRecord file, or in a folder's ``*.tfrecord`` files in name order.
+
+    Example:
+        >>> for rec in florist.tfrecord.read_tfrecords("runs/flowers/eval.tfrecord"):  # doctest: +SKIP
+        ...     print(rec.filename, rec.text, len(rec.image))
+
+    Raises:
+        FloristError: corrupt or truncated records, records that are not image Examples.
+    """
+    for file in _record_files(path):
+        for offset, data in iter_records(file):
+            yield _parse_image_record(data, f"{file}: record at byte {offset}")
+
+
+# ---------------------------------------------------------------------------
+# Writing a prepared split
+# ---------------------------------------------------------------------------
+
+
+def shard_names(split: str, shards: int) -> list[str]:
+    """``train.tfrecord`` for one shard, else ``train-00000-of-00004.tfrecord`` ... (TensorFlow's naming)."""
+    if shards == 1:
+        return [f"{split}{SUFFIX}"]
+    return [f"{split}-{k:05d}-of-{shards:05d}{SUFFIX}" for k in range(shards)]
+
+
+def _image_record(item: Item, classes: Sequence[str], root: Path) -> ImageRecord:
+    """Read an item's file back (it must still be the file that was checked) as a record."""
+    try:
+        data = read_file(item.path)
+    except BadImage as e:
+        raise FloristError(f"{item.path}: {e}") from None
+    if sha256_bytes(data) != item.sha256:
+        raise FloristError(f"{item.path} changed while it was being prepared; run prepare again")
+    # Header only: the size as stored, which is what tf.io.decode_image returns (no EXIF rotation).
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        fmt = "jpeg" if img.format == "MPO" else (img.format or "").lower()
+    return ImageRecord(
+        image=data,
+        label=item.label,
+        text=classes[item.label],
+        filename=Path(item.path).relative_to(root).as_posix(),
+        height=height,
+        width=width,
+        format=fmt,
+    )
+
+
+def write_tfrecords(
+    out_dir: str | Path,
+    prepared: Prepared,
+    root: str | Path,
+    *,
+    shards: int = 1,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> list[Path]:
+    """Write the train and eval items of ``prepared`` as records in ``out_dir``.
+
+    Records are written in a seeded random order, so each shard holds a mix of
+    classes (what a streaming reader with a shuffle buffer needs). Each file is
+    written atomically; shards of an earlier run with another shard count are removed.
+
+    Args:
+        root: the photo folder the items' paths are under (``image/filename`` is relative to it).
+        shards: files per split (fewer for a split with fewer images).
+
+    Returns:
+        The files written.
+    """
+    if shards < 1:
+        raise FloristError(f"--shards must be >= 1, got {shards}")
+    out, root = Path(out_dir), Path(root)
+    written: list[Path] = []
+    total, done = len(prepared.train) + len(prepared.eval), 0
+    for split, items in zip(SPLITS, (prepared.train, prepared.eval)):
+        order = list(items)
+        random.Random(f"{seed}:{split}").shuffle(order)
+        n = max(1, min(shards, len(order)))
+        names = shard_names(split, n)
+        for k, name in enumerate(names):
+            with atomic_open(out / name) as f:
+                for item in order[k * len(order) // n : (k + 1) * len(order) // n]:
+                    write_record(f, _image_record(item, prepared.classes, root).to_example())
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+            written.append(out / name)
+        stale = {*out.glob(f"{split}-*-of-*{SUFFIX}"), out / f"{split}{SUFFIX}"} - set(written)
+        for path in stale:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def prepare_tfrecords(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shards: int = 1,
+    eval_fraction: float | None = 0.2,
+    train_per_class: int | None = None,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressFn | None = None,
+) -> Prepared:
+    """:func:`florist.data.prepare`, written as TFRecords: the split's records, ``labels.txt``, ``skipped.csv``.
+
+    Example:
+        >>> florist.tfrecord.prepare_tfrecords("flower_photos", "runs/flowers-tfr", shards=4)  # doctest: +SKIP
+    """
+    if shards < 1:
+        raise FloristError(f"--shards must be >= 1, got {shards}")
+    prepared = prepare(
+        data_dir,
+        None,
+        eval_fraction=eval_fraction,
+        train_per_class=train_per_class,
+        seed=seed,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+    write_tfrecords(out_dir, prepared, data_dir, shards=shards, seed=seed)
+    write_labels(out_dir, prepared.classes)
+    write_skipped(out_dir, prepared.skipped)
+    return prepared
+
+
+# ---------------------------------------------------------------------------
+# Records as training data
+# ---------------------------------------------------------------------------
+
+_REF_SEP = "#"
+
+
+def record_ref(path: str | Path, offset: int) -> str:
+    """The name florist gives a record wherever it expects an image path: ``"<file>#<offset>"``."""
+    return f"{path}{_REF_SEP}{offset}"
+
+
+def parse_ref(source: str) -> tuple[str, int] | None:
+    """``(file, offset)`` for a :func:`record_ref` string, None for anything else (a plain path)."""
+    path, sep, offset = str(source).rpartition(_REF_SEP)
+    if not sep or not path or not offset.isdigit() or os.path.exists(source):
+        return None
+    return path, int(offset)
+
+
+def read_image_bytes(source: str | Path) -> bytes:
+    """The image bytes of a file, or of the record a :func:`record_ref` names.
+
+    Raises:
+        BadImage: the file or record cannot be read (a reason, as for any unusable image).
+    """
+    ref = parse_ref(str(source))
+    if ref is None:
+        return read_file(source)
+    path, offset = ref
+    try:
+        data = read_record(path, offset)
+        return _parse_image_record(data, f"{path}: record at byte {offset}").image
+    except FloristError as e:
+        raise BadImage(str(e)) from None
+
+
+def is_record_data(path: str | Path) -> bool:
+    """True for a file (a TFRecord) or a folder holding ``*.tfrecord`` files; False for a photo folder."""
+    path = Path(path)
+    return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.glob(f"*{SUFFIX}")))
+
+
+def _splits_of(path: Path) -> dict[str | None, list[Path]]:
+    """Files per split when the names say it (``train*``/``eval*``), else all under ``None``."""
+    files = _record_files(path)
+    by_split = {s: [f for f in files if f.name.startswith(s)] for s in SPLITS}
+    if not all(by_split.values()):
+        return {None: files}
+    other = sorted(set(files) - set(by_split["train"]) - set(by_split["eval"]))
+    if other:
+        raise FloristError(
+            f"{path}: cannot tell which split {other[0].name} belongs to "
+            f"(expected only train*{SUFFIX} and eval*{SUFFIX} files)"
+        )
+    return by_split
+
+
+def _check_record(ref: str, classes: Sequence[str], max_pixels: int) -> tuple[int, str, str]:
+    """Read, verify and decode one record: ``(label, filename, sha256)`` or :class:`BadImage`."""
+    path, offset = parse_ref(ref)  # type: ignore[misc]  # refs made by prepare_records
+    where = f"{path}: record at byte {offset}"
+    record = _parse_image_record(read_record(path, offset), where)
+    if not 0 <= record.label < len(classes):
+        raise FloristError(f"{where} has label {record.label}; labels.txt lists {len(classes)} classes (0-based)")
+    if record.text and record.text != classes[record.label]:
+        raise FloristError(
+            f"{where} has label {record.label} ({classes[record.label]!r} in labels.txt) "
+            f"but image/class/text {record.text!r}"
+        )
+    return record.label, record.filename or ref, check_bytes(record.image, max_pixels)
+
+
+def prepare_records(
+    path: str | Path,
+    *,
+    eval_fraction: float | None = 0.2,
+    train_per_class: int | None = None,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> Prepared:
+    """What :func:`florist.data.prepare` gives for a photo folder, for TFRecord data.
+
+    ``path`` is a TFRecord file or a folder of ``*.tfrecord`` files, with
+    ``labels.txt`` beside them. When the folder has ``train*`` and ``eval*`` files
+    (as ``prepare --format tfrecord`` writes) that is the split; otherwise all
+    records are split like photos, by ``eval_fraction``/``train_per_class`` and
+    ``seed``. Every record is checked and its image decoded once; an unusable
+    image is listed in ``skipped`` under its :func:`record_ref`. Items are ordered
+    by label and ``image/filename``, as a photo folder's are by path, so the same
+    photos give the same model either way.
+
+    Raises:
+        FloristError: no records, no ``labels.txt``, corrupt records, labels that
+            do not match ``labels.txt``.
+    """
+    path = Path(path)
+    by_split = _splits_of(path)
+    refs = {s: [record_ref(f, o) for f in files for o in record_offsets(f)] for s, files in by_split.items()}
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "labels.txt").is_file():
+        raise FloristError(f"no labels.txt next to the TFRecord files in {folder} (one class name per line)")
+    classes = read_labels(folder)
+    every = [r for split_refs in refs.values() for r in split_refs]
+    results = check_all(lambda ref: _check_record(ref, classes, max_pixels), every, workers, progress)
+    checked = dict(zip(every, results))
+    skipped = [Skipped(ref, str(r)) for ref, r in checked.items() if isinstance(r, BadImage)]
+    names = {ref: r[1] for ref, r in checked.items() if not isinstance(r, BadImage)}
+
+    def items(split: str | None) -> list[Item]:
+        return [Item(ref, checked[ref][0], checked[ref][2]) for ref in refs[split] if ref in names]
+
+    if None in by_split:
+        ds = Dataset(classes, items(None), skipped)
+        prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+    else:
+        prepared = Prepared(classes, items("train"), items("eval"), skipped)
+        if train_per_class is not None:
+            prepared.warnings.append(f"--train-per-class ignored: the split comes from the record files in {path}")
+    for part in (prepared.train, prepared.eval):
+        part.sort(key=lambda it: (it.label, names[it.path], it.path))
+    return prepared
