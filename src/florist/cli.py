@@ -150,7 +150,7 @@ def train(
     weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 10]."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 8]."),
     steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: 0.005 adam, 0.01 sgd; finetune 1e-3]."),

@@ -70,7 +70,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01, "lr": None, "blocks": 1,
                  "backbone_lr": 1e-3},
     # views: finetune augments on the fly; its head warm start uses clean features only.
-    "finetune": {"epochs": 10, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
+    "finetune": {"epochs": 8, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
                  "blocks": None, "backbone_lr": 5e-4},
 }
 MODES = tuple(MODE_DEFAULTS)
@@ -103,7 +103,7 @@ class TrainConfig:
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 10).
+        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 8).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
         lr: learning rate of the head (default 0.005 for Adam, 0.01 for SGD; finetune 1e-3).
