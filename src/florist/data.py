@@ -20,10 +20,11 @@ import random
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import FloristError
 from .files import atomic_write_csv, atomic_write_text, read_csv, sha256_bytes
 from .progress import ProgressFn
+
+T = TypeVar("T")
 
 #: Formats accepted, by what the file's content says (not its extension). MPO is
 #: the multi-picture JPEG many cameras write.
@@ -266,13 +269,7 @@ def scan(
                 f"known classes: {', '.join(map(repr, classes))}"
             )
         class_names = list(classes)
-    candidates = [
-        (name, path)
-        for name in class_names
-        if name in folders
-        for path in _candidate_files(folders[name])
-        if not _is_hidden(path, root)
-    ]
+    candidates = class_files(root, folders, class_names)
     results = _check_all([p for _, p in candidates], max_pixels, workers, progress)
     index = {name: i for i, name in enumerate(class_names)}
     items: list[Item] = []
@@ -285,14 +282,28 @@ def scan(
     return Dataset(class_names, items, skipped)
 
 
-def _check_all(
-    paths: list[Path], max_pixels: int, workers: int | None, progress: ProgressFn | None
-) -> list[str | BadImage]:
-    """Check files in parallel; each result is a SHA-256 string or the :class:`BadImage`."""
+def class_files(root: Path, folders: dict[str, Path], class_names: Sequence[str]) -> list[tuple[str, Path]]:
+    """``(class, file)`` for every non-hidden file in the named class folders, in a fixed order."""
+    return [
+        (name, path)
+        for name in class_names
+        if name in folders
+        for path in _candidate_files(folders[name])
+        if not _is_hidden(path, root)
+    ]
 
-    def one(path: Path):
+
+def map_files(
+    fn: Callable[[Path], T], paths: Sequence[Path], workers: int | None = None, progress: ProgressFn | None = None
+) -> list[T | BadImage]:
+    """``fn`` on every file in parallel threads (Pillow and hashing release the GIL), in order.
+
+    A :class:`BadImage` raised by ``fn`` becomes that file's result instead of stopping the rest.
+    """
+
+    def one(path: Path) -> T | BadImage:
         try:
-            return check_file(path, max_pixels)
+            return fn(path)
         except BadImage as e:
             return e
 
@@ -304,6 +315,13 @@ def _check_all(
             if progress is not None:
                 progress(i, len(paths))
     return results
+
+
+def _check_all(
+    paths: list[Path], max_pixels: int, workers: int | None, progress: ProgressFn | None
+) -> list[str | BadImage]:
+    """Check files in parallel; each result is a SHA-256 string or the :class:`BadImage`."""
+    return map_files(lambda path: check_file(path, max_pixels), paths, workers, progress)
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +371,10 @@ def split(
     Either ``train_per_class`` images of each class go to training and the rest
     to evaluation (the original project's way), or ``eval_fraction`` of each
     class goes to evaluation. Identical files (same SHA-256) always land on
-    the same side, so an exact duplicate cannot leak from train into eval.
+    the same side, so an exact duplicate cannot leak from train into eval. An
+    image found under two classes (a label conflict, see :func:`duplicate_groups`)
+    goes to train in every class: one copy per side would leak, and an eval image
+    whose label contradicts itself cannot be scored fairly.
 
     Raises:
         FloristError: invalid arguments or a class too small for the request.
@@ -392,7 +413,46 @@ def split(
             last_chance = i == len(groups) - 1 and 0 < taken < n_train < n
             (train if taken < n_train and not last_chance else evaluation).extend(group)
             taken += len(group)
+    conflicts = {g[0].sha256 for g in duplicate_groups(ds.items) if len({it.label for it in g}) > 1}
+    train += [it for it in evaluation if it.sha256 in conflicts]
+    evaluation = [it for it in evaluation if it.sha256 not in conflicts]
     return sorted(train, key=_order), sorted(evaluation, key=_order)
+
+
+def duplicate_groups(items: Iterable[Item]) -> list[list[Item]]:
+    """Groups of two or more items with the same content hash (exact duplicates), in path order."""
+    by_hash: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        by_hash[item.sha256].append(item)
+    groups = [sorted(g, key=lambda it: it.path) for g in by_hash.values() if len(g) > 1]
+    return sorted(groups, key=lambda g: g[0].path)
+
+
+def duplicate_warnings(ds: Dataset, root: str | Path, limit: int = 5) -> list[str]:
+    """What :func:`split` did with exact duplicates, for the user to see (and fix with ``florist audit``)."""
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root)
+
+    groups = duplicate_groups(ds.items)
+    conflicts = [g for g in groups if len({it.label for it in g}) > 1]
+    same = [g for g in groups if len({it.label for it in g}) == 1]
+    messages = []
+    if same:
+        n_files = sum(len(g) for g in same)
+        messages.append(
+            f"{n_files} files are exact copies within their class ({len(same)} group(s), e.g. "
+            f"{' = '.join(rel(it.path) for it in same[0])}); each group is kept on one side of the split"
+        )
+    for g in conflicts[:limit]:
+        names = sorted({ds.classes[it.label] for it in g})
+        messages.append(
+            f"label conflict: the same image is in classes {', '.join(map(repr, names))} "
+            f"({', '.join(rel(it.path) for it in g)}); every copy goes to train, none to eval"
+        )
+    if len(conflicts) > limit:
+        messages.append(f"... and {len(conflicts) - limit} more label conflict(s); run `florist audit` for all")
+    return messages
 
 
 def _order(item: Item) -> tuple[int, str]:
@@ -461,7 +521,8 @@ def prepare(
     needs_eval = train_per_class is not None or (eval_fraction or 0) > 0
     ds = drop_small_classes(ds, minimum=2 if needs_eval else 1)
     train, evaluation = split(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
-    prepared = Prepared(ds.classes, train, evaluation, ds.skipped, ds.warnings)
+    warns = ds.warnings + duplicate_warnings(ds, data_dir)
+    prepared = Prepared(ds.classes, train, evaluation, ds.skipped, warns)
     if out_dir is not None:
         write_manifests(out_dir, prepared)
     return prepared
