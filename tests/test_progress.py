@@ -43,7 +43,9 @@ def test_quiet_logs_nothing(caplog) -> None:
 
 
 def test_format_stats() -> None:
-    assert format_stats({"loss": 0.41234, "top1": 0.875, "eval_top1": float("nan")}) == "loss 0.412  top1 87.5%"
+    assert (
+        format_stats({"loss": 0.41234, "top1": 0.875, "eval_top1": float("nan")}) == "loss 0.412  top1 87.5%"
+    )
 
 
 def test_training_steps_report_loss_and_accuracy() -> None:

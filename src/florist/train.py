@@ -406,6 +406,9 @@ def train(
     )
     save_bundle(out, bundle)  # model.json last: the run is complete from here on
     model.bundle = bundle
+    from .report import finish_run
+
+    finish_run(out, fitted.eval_probs)  # eval_predictions.csv, TensorBoard images + hparams, report.html
     if verbose:
         top1 = metrics.get("top1")
         log.info(
