@@ -32,7 +32,7 @@ def test_log_lines_are_rate_limited_but_the_end_is_always_logged(caplog) -> None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert lines[0].startswith("Training head: 1/100")
-    assert lines[1].startswith("Training head: 100/100") and lines[1].endswith("loss 0.500  top1 25.0%")
+    assert lines[1].startswith("Training head: 100/100") and lines[1].endswith("loss 0.500  top-1 25.0%")
 
 
 def test_quiet_logs_nothing(caplog) -> None:
@@ -43,9 +43,9 @@ def test_quiet_logs_nothing(caplog) -> None:
 
 
 def test_format_stats() -> None:
-    assert (
-        format_stats({"loss": 0.41234, "top1": 0.875, "eval_top1": float("nan")}) == "loss 0.412  top1 87.5%"
-    )
+    stats = {"loss": 0.41234, "top1": 0.875, "eval_top1": float("nan")}
+    assert format_stats(stats) == "loss 0.412  top-1 87.5%"  # NaN: no eval yet
+    assert format_stats({"eval_top1": 0.5}) == "eval top-1 50.0%"
 
 
 def test_training_steps_report_loss_and_accuracy() -> None:

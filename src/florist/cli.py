@@ -317,7 +317,7 @@ def _print_audit(report: Any, limit: int) -> None:
             rows.append((kind, f"... {len(found) - limit} more (--json lists all)", ""))
 
     same = [g for g in report.exact_duplicates if len(set(g.classes)) == 1]
-    add("label conflict", report.label_conflicts, lambda g: ("\n".join(g.paths), "same bytes, different classes"))
+    add("label conflict", report.label_conflicts, lambda g: ("\n".join(g.paths), "same bytes, two classes"))
     add("exact duplicate", same, lambda g: ("\n".join(g.paths), "same bytes"))
     add("near duplicate", report.near_duplicates, lambda n: ("\n".join(n.paths), f"distance {n.distance}"))
     add("unusable", report.unreadable, lambda f: (f.path, f.reason))
@@ -325,6 +325,7 @@ def _print_audit(report: Any, limit: int) -> None:
     add("tiny", report.tiny, lambda t: (t.path, f"{t.width}x{t.height} px"))
     if rows:
         table = Table("problem", "file(s)", "detail")
+        table.columns[1].overflow = "fold"  # a path is never cut short
         for row in rows:
             table.add_row(*row)
         out.print(table)

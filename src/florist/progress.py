@@ -53,12 +53,13 @@ class RateColumn(ProgressColumn):
 
 
 def format_stats(stats: dict[str, float]) -> str:
-    """``loss 0.412  top1 88.0%``: accuracies as percentages, other values with 3 decimals."""
+    """``loss 0.412  top-1 88.0%  eval top-1 86.5%``: accuracies as percentages, others with 3 decimals."""
     parts = []
     for name, value in stats.items():
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
-        parts.append(f"{name} {value:.1%}" if "top1" in name else f"{name} {value:.3f}")
+        label = name.replace("top1", "top-1").replace("_", " ")
+        parts.append(f"{label} {value:.1%}" if "top1" in name else f"{label} {value:.3f}")
     return "  ".join(parts)
 
 
@@ -112,9 +113,10 @@ def _log_lines(description: str, unit: str, every: float) -> ProgressFn:
         finished = total > 0 and done >= total
         if done == last["done"] or not (finished or now - last["t"] >= every):
             return
+        first = last["t"] == -math.inf  # a rate measured over the first item or two is noise
         last.update(t=now, done=done)
         rate = done / max(now - start, 1e-9)
-        speed = f" ({rate:,.1f} {unit}/s" if done else ""
+        speed = f" ({rate:,.1f} {unit}/s" if done and (finished or not first) else ""
         if speed and not finished:
             speed += f", ETA {time.strftime('%H:%M:%S', time.gmtime((total - done) / rate))}"
         extra = f"  {format_stats(stats)}" if stats else ""
