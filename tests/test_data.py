@@ -693,7 +693,9 @@ def test_prepare_real_flower_photos(tmp_path):
     prepared = prepare(REAL_FLOWERS, tmp_path / "run", eval_fraction=0.2)
     assert prepared.classes == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert prepared.skipped == []
-    assert prepared.warnings == []
+    same, conflict = prepared.warnings  # the subset's real duplicates (see tests/test_audit.py)
+    assert same.startswith("4 files are exact copies within their class (2 group(s)")
+    assert "roses/15922772266_1167a06620.jpg, tulips/15922772266_1167a06620.jpg" in conflict
     assert len(prepared.train) == 1200 and len(prepared.eval) == 300
     assert Counter(it.label for it in prepared.eval) == {i: 60 for i in range(5)}
     assert not {it.path for it in prepared.train} & {it.path for it in prepared.eval}

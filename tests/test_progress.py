@@ -24,15 +24,24 @@ def test_not_a_terminal_gives_plain_log_lines(caplog) -> None:
     assert len(lines) == 5
 
 
-def test_log_lines_are_rate_limited_but_the_end_is_always_logged(caplog) -> None:
+def test_long_steps_log_periodically_and_at_the_end(caplog, monkeypatch) -> None:
     caplog.set_level(logging.INFO, logger="florist")
-    with progress_bar("Training head", unit="steps", log_every=3600) as bar:
+    clock = iter(range(1000))  # one second passes per reading of the clock
+    monkeypatch.setattr("florist.progress.time.monotonic", lambda: next(clock))
+    with progress_bar("Training head", unit="steps", log_every=30) as bar:
         for step in range(1, 101):
             bar(step, 100, loss=0.5, top1=0.25)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2
-    assert lines[0].startswith("Training head: 1/100")
-    assert lines[1].startswith("Training head: 100/100") and lines[1].endswith("loss 0.500  top-1 25.0%")
+    assert [line.split(" (")[0] for line in lines] == [f"Training head: {n}/100" for n in (30, 60, 90, 100)]
+    assert lines[0] == "Training head: 30/100 (1.0 steps/s, ETA 00:01:10)  loss 0.500  top-1 25.0%"
+
+
+def test_quick_steps_log_nothing(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="florist")
+    with progress_bar("Checking images", log_every=3600) as bar:
+        for done in range(1, 25):
+            bar(done, 24)
+    assert not caplog.records
 
 
 def test_quiet_logs_nothing(caplog) -> None:

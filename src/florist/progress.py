@@ -71,9 +71,9 @@ def progress_bar(
 
     On a terminal the bar shows count, rate, elapsed and remaining time and any
     statistics passed as keywords. In a pipe or a log file a redrawn bar would be
-    noise, so a plain ``florist`` log line is written instead at most every
-    ``log_every`` seconds, and once when the step completes. Nothing at all when
-    ``enabled`` is false (``--quiet``).
+    noise, so a step that lasts longer than ``log_every`` seconds writes a plain
+    ``florist`` log line every ``log_every`` seconds and one when it completes.
+    Nothing at all when ``enabled`` is false (``--quiet``).
     """
     if not enabled:
         yield lambda done, total, **stats: None
@@ -104,19 +104,22 @@ def _rich_bar(description: str, unit: str) -> Iterator[ProgressFn]:
 
 
 def _log_lines(description: str, unit: str, every: float) -> ProgressFn:
-    """A callback that logs ``Features (train, clean): 640/1200 (41.2 images/s, ETA 0:00:13)``."""
+    """A callback that logs ``Features (train, clean): 640/1200 (41.2 images/s, ETA 00:00:13)``.
+
+    A step that ends within ``every`` seconds logs nothing (stderr stays clean for
+    quick commands); a longer one logs every ``every`` seconds and once at its end.
+    """
     start = time.monotonic()
-    last = {"t": -math.inf, "done": -1}
+    last = {"t": start, "done": -1, "logged": False}
 
     def update(done: int, total: int, **stats: float) -> None:
         now = time.monotonic()
         finished = total > 0 and done >= total
-        if done == last["done"] or not (finished or now - last["t"] >= every):
+        if done == last["done"] or not (now - last["t"] >= every or (finished and last["logged"])):
             return
-        first = last["t"] == -math.inf  # a rate measured over the first item or two is noise
-        last.update(t=now, done=done)
+        last.update(t=now, done=done, logged=True)
         rate = done / max(now - start, 1e-9)
-        speed = f" ({rate:,.1f} {unit}/s" if done and (finished or not first) else ""
+        speed = f" ({rate:,.1f} {unit}/s" if done else ""
         if speed and not finished:
             speed += f", ETA {time.strftime('%H:%M:%S', time.gmtime((total - done) / rate))}"
         extra = f"  {format_stats(stats)}" if stats else ""
