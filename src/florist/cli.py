@@ -221,6 +221,8 @@ def train(
         out.print_json(data=metrics)
     elif "top1" in metrics:
         _print_metrics(metrics)
+    if not quiet and not json_out:
+        out.print(f"report: {out_dir / 'report.html'}", highlight=False)
 
 
 @app.command()
@@ -296,6 +298,83 @@ def download(
     with progress_bar("Downloading flower_photos", enabled=not quiet, unit="bytes") as bar:
         folder = run_download(dest=dest, progress=bar)
     out.print(str(folder), highlight=False)
+
+
+@app.command()
+@friendly_errors
+def audit(
+    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full audit as JSON."),
+    near_distance: int = typer.Option(
+        8, help="Perceptual-hash distance (0-64) at or below which two pictures are near duplicates; -1: off."
+    ),
+    min_side: int = typer.Option(112, help="Report images whose shorter side is below this many pixels."),
+    limit: int = typer.Option(10, help="Rows shown per kind of problem (--json lists all)."),
+    quiet: bool = Quiet,
+) -> None:
+    """Check a photo folder: class balance, unusable/odd files, exact and near duplicates, label conflicts, tiny images."""
+    from .audit import audit as run_audit
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Auditing images", enabled=not quiet and not json_out) as bar:
+        report = run_audit(data_dir, near_distance=near_distance, min_side=min_side, progress=bar)
+    if json_out:
+        out.print_json(data=report.to_dict())
+    else:
+        _print_audit(report, limit)
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    quiet: bool = Quiet,
+) -> None:
+    """(Re)write RUN_DIR/report.html, confusion_matrix.png and curves.png from the run's files."""
+    from .report import write_report
+
+    _setup_logging(quiet)
+    path = write_report(run_dir)
+    if not quiet:
+        out.print(str(path), highlight=False)
+
+
+def _print_audit(report: Any, limit: int) -> None:
+    """Per-class counts, one table row per problem (at most ``limit`` of each kind), then the warnings."""
+    out.print(
+        f"{report.root}: {report.n_images} usable images in {len(report.classes)} classes "
+        f"({report.n_files} files)",
+        highlight=False,
+    )
+    counts = Table("class", "images", "share")
+    for name, n in report.classes.items():
+        counts.add_row(name, str(n), f"{n / max(1, report.n_images):.1%}")
+    out.print(counts)
+    rows: list[tuple[str, str, str]] = []
+
+    def add(kind: str, found: list[Any], row: Callable[[Any], tuple[str, str]]) -> None:
+        rows.extend((kind, *row(x)) for x in found[:limit])
+        if len(found) > limit:
+            rows.append((kind, f"... {len(found) - limit} more (--json lists all)", ""))
+
+    same = [g for g in report.exact_duplicates if len(set(g.classes)) == 1]
+    add("label conflict", report.label_conflicts, lambda g: ("\n".join(g.paths), "same bytes, two classes"))
+    add("exact duplicate", same, lambda g: ("\n".join(g.paths), "same bytes"))
+    add("near duplicate", report.near_duplicates, lambda n: ("\n".join(n.paths), f"distance {n.distance}"))
+    add("unusable", report.unreadable, lambda f: (f.path, f.reason))
+    add("odd file", report.odd, lambda f: (f.path, f.reason))
+    add("tiny", report.tiny, lambda t: (t.path, f"{t.width}x{t.height} px"))
+    if rows:
+        table = Table("problem", "file(s)", "detail")
+        table.columns[1].overflow = "fold"  # a path is never cut short
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    for message in report.warnings:
+        out.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    if not report.warnings:
+        out.print("no problems found")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -279,7 +279,7 @@ def fit_head(
         eval_x, eval_y: optional held-out features, one array per test-time view (their
             probabilities are averaged); only measured, never used to choose anything.
         writer: optional TensorBoard ``SummaryWriter``.
-        progress: optional ``progress(done, total)`` over steps.
+        progress: optional ``progress(done, total, **stats)`` over steps (see :func:`~florist.loop.run_steps`).
     """
     cfg = replace(cfg, mode="head").validate()  # unset settings take head-mode defaults
     torch.manual_seed(cfg.seed)
@@ -493,6 +493,9 @@ def _train(
     (out / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume
     dist.barrier()
     model.bundle = bundle
+    from .report import finish_run
+
+    finish_run(out, fitted.eval_probs)  # eval_predictions.csv, TensorBoard images + hparams, report.html
     if verbose:
         top1 = metrics.get("top1")
         log.info(
