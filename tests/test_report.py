@@ -31,7 +31,7 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     photos = write_photos(tmp_path_factory.mktemp("mixed") / "photos", n_per_class=8, colours=CLASSES, seed=3)
     (photos / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     run = tmp_path_factory.mktemp("run") / "mixed"
-    florist.train(photos, run, epochs=5, eval_fraction=0.5)
+    florist.train(photos, run, epochs=5, eval_fraction=0.5, mode="head")
     return run
 
 
