@@ -7,15 +7,26 @@
 Stages, one module each, data flowing one way:
 photos -> :mod:`~florist.data` (prepare) -> :mod:`~florist.features` (with
 :mod:`~florist.backbones`) -> :mod:`~florist.train` -> :mod:`~florist.bundle`
--> :mod:`~florist.predict` / :mod:`~florist.evaluate`.
+-> :mod:`~florist.predict` / :mod:`~florist.evaluate` -> :mod:`~florist.export`
+-> :mod:`~florist.serve`.
+
+An exported ``.onnx`` model needs no torch: :func:`load` on it, ``florist predict``
+and ``florist serve`` run it with ONNX Runtime, and this package imports without
+torch installed (the training API is then missing).
 """
 
-from .backbones import create_backbone
 from .data import prepare
 from .errors import FloristError
 from .evaluate import evaluate
-from .predict import Classifier, Prediction, load
-from .train import TrainConfig, train
+from .prediction import Prediction, load
+
+try:
+    from .backbones import create_backbone
+    from .predict import Classifier
+    from .train import TrainConfig, train
+except ModuleNotFoundError as e:  # a torch-less install serves exported ONNX models only
+    if e.name not in ("torch", "torchvision", "timm"):
+        raise
 
 __version__ = "0.1.0"
 
@@ -24,10 +35,10 @@ __all__ = [
     "FloristError",
     "Prediction",
     "TrainConfig",
+    "__version__",
     "create_backbone",
     "evaluate",
     "load",
     "prepare",
     "train",
-    "__version__",
 ]

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .data import BadImage, decode_image, read_file
+from .data import BadImage, read_file
 from .files import atomic_write_bytes, sha256_bytes
+from .preprocess import load_for_backbone
 from .progress import ProgressFn
 
 #: Bump when the way features are computed changes, so stale cache entries are not reused.
@@ -51,11 +51,6 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------
-
-
-def resize_size(data_config: dict[str, Any]) -> int:
-    """Shorter side an image is resized to before the centre crop (timm's rule)."""
-    return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
 
 
 #: Random-view augmentation: what the original project called "distortions".
@@ -119,12 +114,6 @@ def build_transform(data_config: dict[str, Any], view: str = "clean"):
     if view == "flip":
         return T.Compose([T.RandomHorizontalFlip(p=1.0), base])
     raise ValueError(f"unknown view {view!r}")
-
-
-def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
-    """Decode bytes the way every stage must: draft-decoded to no less than the resize size."""
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return decode_image(data, draft_size=resize_size(data_config), **kwargs)
 
 
 def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: str = "pooled") -> str:
