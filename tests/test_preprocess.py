@@ -31,14 +31,18 @@ PADDED = {**LITE0, "crop_pct": 1.25}  # resize below the crop size: torchvision 
 def noisy(size: tuple[int, int], seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     gradient = np.linspace(0, 200, size[0])[None, :, None]
-    return Image.fromarray(np.clip(rng.normal(0, 30, (size[1], size[0], 3)) + gradient, 0, 255).astype(np.uint8))
+    return Image.fromarray(
+        np.clip(rng.normal(0, 30, (size[1], size[0], 3)) + gradient, 0, 255).astype(np.uint8)
+    )
 
 
 # Odd sizes make the centre crop's rounding matter (a mirrored crop is not the crop mirrored).
 SIZES = [(224, 224), (257, 191), (191, 257), (500, 333), (333, 500), (31, 17), (1, 1), (640, 259)]
 
 
-@pytest.mark.parametrize("config", [LITE0, LITE2, IMAGENET, SQUASH, PADDED], ids=["lite0", "lite2", "imagenet", "squash", "pad"])
+@pytest.mark.parametrize(
+    "config", [LITE0, LITE2, IMAGENET, SQUASH, PADDED], ids=["lite0", "lite2", "imagenet", "squash", "pad"]
+)
 @pytest.mark.parametrize("view", ["clean", "flip"])
 def test_arrays_equal_the_torch_transform(config: dict, view: str) -> None:
     transform = build_transform(config, view)
@@ -56,7 +60,9 @@ def test_real_photos_decode_and_preprocess_as_in_training(flower_photos: Path) -
     for path in files:
         image = load_for_backbone(read_file(path), LITE2)
         for view in ("clean", "flip"):
-            np.testing.assert_array_equal(to_array(image, LITE2, view), build_transform(LITE2, view)(image).numpy())
+            np.testing.assert_array_equal(
+                to_array(image, LITE2, view), build_transform(LITE2, view)(image).numpy()
+            )
 
 
 def test_model_inputs_names_and_order() -> None:
@@ -77,7 +83,9 @@ def test_image_arrays_goes_through_decode_image(tmp_path: Path) -> None:
     assert arrays["pixels_1"].shape == (3, 260, 260)
     # Transparent pixels are composited on white (1.0 after normalisation), as everywhere in florist.
     assert arrays["pixels_0"][:, 112, 0].tolist() == [1.0, 1.0, 1.0]
-    np.testing.assert_array_equal(arrays["pixels_flip_0"], arrays["pixels_0"][:, :, ::-1])  # 224-px crop of 336: exact
+    np.testing.assert_array_equal(
+        arrays["pixels_flip_0"], arrays["pixels_0"][:, :, ::-1]
+    )  # 224-px crop of 336: exact
     rotated = im.write_exif_rotated_jpeg(tmp_path / "rotated.jpg", size=(64, 32), orientation=6)
     upright = image_arrays(rotated.read_bytes(), inputs[:1])["pixels_0"]
     assert upright[0, 20, 112] > upright[2, 20, 112]  # red (stored left half) ends up on top

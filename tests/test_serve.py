@@ -48,7 +48,9 @@ def test_predict_multipart_and_raw_body(onnx_client: TestClient, exported_onnx: 
     assert sum(t["probability"] for t in body["top_k"]) == pytest.approx(1.0, abs=1e-5)
     blue = photo(photos, "blue")
     raw = onnx_client.post(
-        "/predict?top_k=1", content=blue.read_bytes(), headers={"content-type": "image/jpeg", "x-filename": "b.jpg"}
+        "/predict?top_k=1",
+        content=blue.read_bytes(),
+        headers={"content-type": "image/jpeg", "x-filename": "b.jpg"},
     ).json()
     assert raw["label"] == "blue" and raw["filename"] == "b.jpg" and len(raw["top_k"]) == 1
     expected = OnnxClassifier(exported_onnx).predict([blue], top_k=1)[0]
@@ -68,7 +70,11 @@ def test_both_back_ends_agree(trained_run: Path, exported_onnx: Path, photos: Pa
                 client.post("/predict", files={"file": ("x.jpg", photo(photos, c, 3).read_bytes())}).json()
                 for c in ("red", "green", "blue")
             ]
-    assert [a["label"] for a in answers["pytorch"]] == [a["label"] for a in answers["onnx"]] == ["red", "green", "blue"]
+    assert (
+        [a["label"] for a in answers["pytorch"]]
+        == [a["label"] for a in answers["onnx"]]
+        == ["red", "green", "blue"]
+    )
     for a, b in zip(answers["pytorch"], answers["onnx"]):
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
@@ -76,14 +82,20 @@ def test_both_back_ends_agree(trained_run: Path, exported_onnx: Path, photos: Pa
 @pytest.mark.parametrize(
     ("make", "status", "message"),
     [
-        (lambda d: d.joinpath("notes.txt").write_bytes(b"just some text") and d / "notes.txt", 415, "not an image"),
+        (
+            lambda d: d.joinpath("notes.txt").write_bytes(b"just some text") and d / "notes.txt",
+            415,
+            "not an image",
+        ),
         (lambda d: im.write_truncated_jpeg(d / "cut.jpg", size=(64, 64)), 415, "corrupt"),
         (lambda d: im.write_huge_png_header(d / "bomb.png"), 415, "too many pixels"),
         (lambda d: im.write_text_file(d / "fake.jpg", "<svg xmlns='x'/>"), 415, "not an image"),
     ],
     ids=["text", "truncated", "pixel-bomb", "svg"],
 )
-def test_bad_images_are_4xx_json(onnx_client: TestClient, tmp_path: Path, make, status: int, message: str) -> None:
+def test_bad_images_are_4xx_json(
+    onnx_client: TestClient, tmp_path: Path, make, status: int, message: str
+) -> None:
     path = make(tmp_path)
     for response in (
         onnx_client.post("/predict", files={"file": (path.name, path.read_bytes())}),
@@ -101,7 +113,9 @@ def test_bad_requests_are_4xx_json(onnx_client: TestClient, photos: Path) -> Non
     bad_k = onnx_client.post("/predict?top_k=0", content=photo(photos, "red").read_bytes())
     assert bad_k.status_code == 422 and "top_k" in bad_k.json()["error"]
     broken = onnx_client.post(
-        "/predict", content=b"--xyz\r\nContent-Disposition: form-da", headers={"content-type": "multipart/form-data; boundary=xyz"}
+        "/predict",
+        content=b"--xyz\r\nContent-Disposition: form-da",
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
     )
     assert 400 <= broken.status_code < 500 and "error" in broken.json()
     missing = onnx_client.get("/nope")

@@ -122,7 +122,9 @@ def test_page_classifies_a_picked_photo(page, server: str, photos: Path) -> None
 
 def test_page_classifies_a_dropped_real_flower(page, server: str, flower_photos: Path) -> None:
     photo = sorted((flower_photos / "sunflowers").glob("*.jpg"))[0]
-    expected = httpx.post(f"{server}/predict?top_k=5", files={"file": (photo.name, photo.read_bytes())}).json()
+    expected = httpx.post(
+        f"{server}/predict?top_k=5", files={"file": (photo.name, photo.read_bytes())}
+    ).json()
     open_page(page, server)
     page.evaluate(
         """([b64, name]) => {

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import FloristError
+
 if TYPE_CHECKING:
     from .predict import Classifier
     from .runtime import OnnxClassifier
@@ -72,6 +74,8 @@ def load(path: str | Path) -> "Classifier | OnnxClassifier":
         from .runtime import OnnxClassifier
 
         return OnnxClassifier(path)
+    if Path(path).is_file():
+        raise FloristError(f"{path} is a file: expected a run folder or an exported .onnx model")
     from .bundle import read_bundle
     from .predict import Classifier
 

@@ -111,7 +111,12 @@ class ModelInput:
     data_config: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "backbone": self.backbone, "view": self.view, "preprocessing": self.data_config}
+        return {
+            "name": self.name,
+            "backbone": self.backbone,
+            "view": self.view,
+            "preprocessing": self.data_config,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelInput":
@@ -131,7 +136,10 @@ def model_inputs(data_configs: Sequence[dict[str, Any]], views: Sequence[str]) -
     several = len(data_configs) > 1
     return [
         ModelInput(
-            ("pixels" if view == "clean" else f"pixels_{view}") + (f"_{b}" if several else ""), b, view, dict(config)
+            ("pixels" if view == "clean" else f"pixels_{view}") + (f"_{b}" if several else ""),
+            b,
+            view,
+            dict(config),
         )
         for b, config in enumerate(data_configs)
         for view in views

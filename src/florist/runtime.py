@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,10 +72,14 @@ class ArrayClassifier:
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            out.append(self.probabilities({s.name: np.stack([im[s.name] for im in chunk]) for s in self.inputs}))
+            out.append(
+                self.probabilities({s.name: np.stack([im[s.name] for im in chunk]) for s in self.inputs})
+            )
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def _read_all(self, sources: Sequence[Any], read: Any) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
+    def _read_all(
+        self, sources: Sequence[Any], read: Callable[[Any], bytes]
+    ) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
         """Preprocess every source in a thread pool (Pillow releases the GIL); failures -> errors."""
 
         def one(source: Any) -> dict[str, np.ndarray] | str:
@@ -90,7 +94,9 @@ class ArrayClassifier:
         errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
         return [None if isinstance(r, str) else r for r in results], errors
 
-    def _probabilities_with_errors(self, arrays: list[dict[str, np.ndarray] | None], errors: dict[int, str]) -> np.ndarray:
+    def _probabilities_with_errors(
+        self, arrays: list[dict[str, np.ndarray] | None], errors: dict[int, str]
+    ) -> np.ndarray:
         probs = np.full((len(arrays), len(self.classes)), np.nan, dtype=np.float32)
         ok = [i for i in range(len(arrays)) if i not in errors]
         if ok:
@@ -125,7 +131,9 @@ class ArrayClassifier:
         probs, errors = self.predict_proba(paths, progress=progress)
         return rank(paths, probs, errors, self.classes, top_k)
 
-    def predict_bytes(self, images: Sequence[bytes], names: Sequence[str] | None = None, top_k: int = 5) -> list[Prediction]:
+    def predict_bytes(
+        self, images: Sequence[bytes], names: Sequence[str] | None = None, top_k: int = 5
+    ) -> list[Prediction]:
         """Top-``k`` predictions for images already in memory (uploads); bad ones get ``error`` set."""
         arrays, errors = self._read_all(images, lambda data: data)
         probs = self._probabilities_with_errors(arrays, errors)
@@ -175,7 +183,9 @@ class OnnxClassifier(ArrayClassifier):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise FloristError(f"cannot load {self.path} as an ONNX model: {str(e).splitlines()[0][:200]}") from None
+            raise FloristError(
+                f"cannot load {self.path} as an ONNX model: {str(e).splitlines()[0][:200]}"
+            ) from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")

@@ -23,6 +23,7 @@ model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -191,6 +192,7 @@ class LimitBody:
 # ---------------------------------------------------------------------------
 
 
+@functools.cache
 def page() -> str:
     """The web page: one HTML file with its CSS and JavaScript inline (nothing fetched from elsewhere)."""
     return resources.files("florist").joinpath("page.html").read_text(encoding="utf-8")
@@ -261,16 +263,18 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
     ) -> dict[str, Any]:
         if file is not None:
             data, filename = await file.read(), file.filename or ""
-        elif request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form")):
-            return _error(400, "form without a non-empty 'file' field")
+        elif request.headers.get("content-type", "").startswith(
+            ("multipart/form-data", "application/x-www-form")
+        ):
+            raise HTTPException(400, "form without a non-empty 'file' field")
         else:
             data, filename = await request.body(), request.headers.get("x-filename", "")
         if not data:
-            return _error(400, "empty request: send an image as multipart field 'file' or as the raw body")
+            raise HTTPException(400, "empty request: send an image as multipart field 'file' or as the raw body")
         try:
             arrays = await run_in_threadpool(model.arrays, data)
         except BadImage as e:
-            return _error(415, f"not a usable image: {e}")
+            raise HTTPException(415, f"not a usable image: {e}") from None
         probs = await batcher.probabilities(arrays)
         result = rank([filename], probs[None], {}, model.classes, top_k)[0].to_dict()
         result["filename"] = result.pop("path")
@@ -296,8 +300,18 @@ def serve(
 
     model = load_model(model_path)
     app = create_app(model, max_bytes=max_bytes, name=str(model_path))
-    log.info("serving %s (%s back end, %d classes) on http://%s:%d", model_path, model.backend, len(model.classes), host, port)
+    log.info(
+        "serving %s (%s back end, %d classes) on http://%s:%d",
+        model_path,
+        model.backend,
+        len(model.classes),
+        host,
+        port,
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind, after logging why
+        server.started = False
     if not server.started:
         raise FloristError(f"could not serve on {host}:{port} (address in use or not allowed?)")
