@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,28 +214,47 @@ def test_loading_bad_onnx_files(tmp_path: Path) -> None:
         florist.load(tmp_path / "foreign.onnx")
 
 
-def test_onnx_predict_needs_no_torch(exported_onnx: Path, photos: Path) -> None:
-    """`florist predict model.onnx` in a process where importing torch fails."""
-    script = (
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision', 'timm'):\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
-        "from florist.cli import main\n"
-        f"sys.argv = ['florist', 'predict', {str(exported_onnx)!r}, {str(photos / 'blue')!r}, '--json']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "assert not any(m.split('.')[0] in ('torch', 'torchvision', 'timm') for m in sys.modules)\n"
-    )
+NO_TORCH = """
+import sys
+
+class NoTorch:  # as if torch, torchvision and timm were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+model, folder, photo = sys.argv[1:]
+
+from fastapi.testclient import TestClient
+from florist.cli import main
+from florist.serve import create_app, load_model
+
+with TestClient(create_app(load_model(model))) as client:
+    answer = client.post("/predict", content=open(photo, "rb").read()).json()
+    print("served", answer["label"], file=sys.stderr)
+sys.argv = ["florist", "predict", model, folder, "--json"]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+assert not any(m.split(".")[0] in ("torch", "torchvision", "timm") for m in sys.modules)
+"""
+
+
+def test_onnx_predict_and_serve_need_no_torch(exported_onnx: Path, photos: Path, tmp_path: Path) -> None:
+    """`florist predict model.onnx` and the server, in a process where importing torch fails."""
+    script = tmp_path / "no_torch.py"
+    script.write_text(NO_TORCH)
+    red = sorted((photos / "red").iterdir())[0]
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, str(script), str(exported_onnx), str(photos / "blue"), str(red)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**__import__("os").environ, "PYTHONPATH": str(SRC)},
+        env={**os.environ, "PYTHONPATH": str(SRC)},
     )
     assert result.returncode == 0, result.stderr
+    assert "served red" in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 8 and {line["label"] for line in lines} == {"blue"}
 
