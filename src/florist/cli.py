@@ -282,24 +282,9 @@ def export(
         )
     if json_out:
         out.print_json(data=report.to_dict())
-        return
-    if quiet:
-        return
-    out.print(f"wrote {report.path} ({report.format}, {report.size_bytes / 1e6:.1f} MB, inputs {', '.join(report.inputs)})")
-    q = report.quantized
-    where = f"on {report.check_images} images from {report.check_source}"
-    if q:
-        out.print(f"parity: max |fp32 export - PyTorch| probability {q['fp32_max_abs_diff']:.2e} {where}")
-        out.print(f"int8: max |int8 export - PyTorch| probability {report.max_abs_diff:.2e}")
-    else:
-        out.print(f"parity: max |exported - PyTorch| probability {report.max_abs_diff:.2e} {where}")
-    if q and q.get("n"):
-        out.print(
-            f"int8: top-1 {q['top1_int8']:.2%} vs fp32 {q['top1_fp32']:.2%} ({q['top1_change'] * 100:+.2f} points), "
-            f"same top class on {q['agreement']:.1%} of {q['n']} eval images"
-        )
-    elif q:
-        out.print(f"int8: top-1 not measured ({q.get('note')})")
+    elif not quiet:
+        for line in report.summary():
+            out.print(line, highlight=False)
 
 
 @app.command()

@@ -218,6 +218,27 @@ class ExportReport:
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "path": str(self.path)}
 
+    def summary(self) -> list[str]:
+        """What ``florist export`` prints: the file, the parity check and the int8 evaluation."""
+        lines = [
+            f"wrote {self.path} ({self.format}, {self.size_bytes / 1e6:.1f} MB, inputs {', '.join(self.inputs)})"
+        ]
+        where = f"on {self.check_images} images from {self.check_source}"
+        q = self.quantized
+        if not q:
+            return [*lines, f"parity: max |exported - PyTorch| probability {self.max_abs_diff:.2e} {where}"]
+        lines += [
+            f"parity: max |fp32 export - PyTorch| probability {q['fp32_max_abs_diff']:.2e} {where}",
+            f"int8: max |int8 export - PyTorch| probability {self.max_abs_diff:.2e}",
+        ]
+        if not q.get("n"):
+            return [*lines, f"int8: top-1 not measured ({q.get('note')})"]
+        return [
+            *lines,
+            f"int8: top-1 {q['top1_int8']:.2%} vs fp32 {q['top1_fp32']:.2%} ({q['top1_change'] * 100:+.2f} points), "
+            f"same top class on {q['agreement']:.1%} of {q['n']} eval images",
+        ]
+
 
 def _onnx_bytes(graph: ExportGraph, example: tuple[torch.Tensor, ...], metadata: dict[str, Any]) -> bytes:
     """Trace ``graph`` to ONNX (dynamic batch axis) and attach ``metadata``."""

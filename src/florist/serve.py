@@ -206,6 +206,8 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
         max_bytes: largest request body accepted.
         name: shown by ``/health`` (the model's path).
     """
+    if max_bytes < 1:
+        raise FloristError(f"the request size limit must be positive, got {max_bytes} bytes")
     batcher = Batcher(model)
 
     @asynccontextmanager
@@ -270,7 +272,9 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
         else:
             data, filename = await request.body(), request.headers.get("x-filename", "")
         if not data:
-            raise HTTPException(400, "empty request: send an image as multipart field 'file' or as the raw body")
+            raise HTTPException(
+                400, "empty request: send an image as multipart field 'file' or as the raw body"
+            )
         try:
             arrays = await run_in_threadpool(model.arrays, data)
         except BadImage as e:
