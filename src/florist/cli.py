@@ -249,15 +249,15 @@ def evaluate(
 @app.command()
 @friendly_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    run_dir: Path = typer.Argument(..., help="A trained run folder, or a model exported with `florist export --format onnx`."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
     csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),
     quiet: bool = Quiet,
 ) -> None:
-    """Classify images; unreadable files get an error entry and exit status 1."""
-    from .predict import load
+    """Classify images; unreadable files get an error entry and exit status 1. A .onnx model runs without torch."""
+    from .prediction import load
 
     _setup_logging(quiet)
     model = load(run_dir)
@@ -327,6 +327,37 @@ def audit(
 
 @app.command()
 @friendly_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    quantize: bool = typer.Option(
+        False, help="ONNX only: dynamic int8 quantization; reports its top-1 change on the run's eval split."
+    ),
+    check_images: int = typer.Option(16, help="Real images (from the run's manifests) for the parity check."),
+    eval_limit: Optional[int] = typer.Option(None, help="With --quantize: evaluate on at most this many eval images."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+    quiet: bool = Quiet,
+) -> None:
+    """Write backbone + head as one ONNX or TorchScript file (labels and preprocessing in its metadata)."""
+    from .export import export as run_export
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Evaluating fp32 and int8", enabled=quantize and not quiet and not json_out) as bar:
+        report = run_export(
+            run_dir, out_file, format=format, quantize=quantize, check_images=check_images, eval_limit=eval_limit,
+            progress=bar,
+        )
+    if json_out:
+        out.print_json(data=report.to_dict())
+    elif not quiet:
+        for line in report.summary():
+            out.print(line, highlight=False)
+
+
+@app.command()
+@friendly_errors
 def report(
     run_dir: Path = typer.Argument(..., help="A trained run folder."),
     quiet: bool = Quiet,
@@ -375,6 +406,22 @@ def _print_audit(report: Any, limit: int) -> None:
         out.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
     if not report.warnings:
         out.print("no problems found")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: Path = typer.Argument(..., help="A trained run folder (PyTorch) or an exported .onnx file (ONNX Runtime)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_mb: float = typer.Option(20.0, help="Largest accepted request body, in megabytes."),
+    quiet: bool = Quiet,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /labels, GET /health, a web page at / and docs at /docs."""
+    from .serve import serve as run_serve
+
+    _setup_logging(quiet)
+    run_serve(model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level="warning" if quiet else "info")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .data import BadImage, decode_image
+from .data import BadImage
 from .files import atomic_write_bytes, sha256_bytes
+from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
 from .tfrecord import read_image_bytes
 
@@ -52,11 +52,6 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------
-
-
-def resize_size(data_config: dict[str, Any]) -> int:
-    """Shorter side an image is resized to before the centre crop (timm's rule)."""
-    return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
 
 
 #: Random-view augmentation: what the original project called "distortions".
@@ -166,12 +161,6 @@ def normalize_pixels(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch
     mean = torch.tensor(data_config["mean"], dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(data_config["std"], dtype=x.dtype, device=x.device)[:, None, None]
     return x.sub(mean).div(std)
-
-
-def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
-    """Decode bytes the way every stage must: draft-decoded to no less than the resize size."""
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return decode_image(data, draft_size=resize_size(data_config), **kwargs)
 
 
 def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: str = "pooled") -> str:

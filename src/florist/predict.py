@@ -12,42 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone
-from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
+from .bundle import BACKBONE_PREFIX, Bundle, build_head
 from .data import iter_paths
 from .errors import FloristError
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
 from .loop import average_probabilities
+from .prediction import Prediction, load, rank  # noqa: F401 (load, Prediction: this module's API)
 from .progress import ProgressFn
 from .tune import state_id
-
-
-@dataclass
-class Prediction:
-    """Top-k classes for one image, best first; ``error`` is set instead when it could not be read."""
-
-    path: str
-    labels: list[str]
-    probabilities: list[float]
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error:
-            return {"path": self.path, "error": self.error}
-        return {
-            "path": self.path,
-            "label": self.labels[0],
-            "probability": self.probabilities[0],
-            "top_k": [{"label": c, "probability": p} for c, p in zip(self.labels, self.probabilities)],
-        }
 
 
 class Classifier:
@@ -141,21 +120,4 @@ class Classifier:
         """
         paths = [str(p) for p in iter_paths(inputs)]
         probs, errors = self.predict_proba(paths, progress=progress)
-        k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for i, path in enumerate(paths):
-            if i in errors:
-                out.append(Prediction(path, [], [], errors[i]))
-                continue
-            order = np.argsort(-probs[i], kind="stable")[:k]
-            out.append(Prediction(path, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))
-        return out
-
-
-def load(run_dir: str | Path) -> Classifier:
-    """Load the trained classifier in ``run_dir`` (safetensors + JSON only, never pickle).
-
-    Raises:
-        FloristError: if the folder holds no finished, compatible model.
-    """
-    return Classifier.from_bundle(read_bundle(run_dir))
+        return rank(paths, probs, errors, self.classes, top_k)
