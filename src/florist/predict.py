@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone
-from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
-from .data import iter_paths
+from .bundle import BACKBONE_PREFIX, MODEL_JSON, MODEL_WEIGHTS, Bundle, build_head, read_bundle
 from .errors import FloristError
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
 from .loop import average_probabilities
 from .progress import ProgressFn
+from .remote import expand_inputs, local_input
 from .tune import state_id
 
 
@@ -134,28 +134,34 @@ class Classifier:
     def predict(
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
     ) -> list[Prediction]:
-        """Top-``k`` predictions for files, folders (recursive) or glob patterns.
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns, local or URLs.
 
         A file that is not a usable image gets a :class:`Prediction` with ``error`` set;
-        it never stops the others.
+        it never stops the others. Remote files are fetched first (see :mod:`florist.remote`);
+        predictions name them by URL.
         """
-        paths = [str(p) for p in iter_paths(inputs)]
+        pairs = expand_inputs(inputs)  # (name as given, local file)
+        names, paths = [name for name, _ in pairs], [path for _, path in pairs]
         probs, errors = self.predict_proba(paths, progress=progress)
         k = max(1, min(top_k, len(self.classes)))
         out = []
-        for i, path in enumerate(paths):
+        for i, name in enumerate(names):
             if i in errors:
-                out.append(Prediction(path, [], [], errors[i]))
+                out.append(Prediction(name, [], [], errors[i]))
                 continue
             order = np.argsort(-probs[i], kind="stable")[:k]
-            out.append(Prediction(path, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))
+            out.append(Prediction(name, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))
         return out
 
 
 def load(run_dir: str | Path) -> Classifier:
     """Load the trained classifier in ``run_dir`` (safetensors + JSON only, never pickle).
 
+    ``run_dir`` may be a URL (``gs://bucket/runs/x``...); its model files are fetched
+    into the local cache once, and again only when they change.
+
     Raises:
         FloristError: if the folder holds no finished, compatible model.
     """
-    return Classifier.from_bundle(read_bundle(run_dir))
+    with local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS]) as run:
+        return Classifier.from_bundle(read_bundle(run.path))
