@@ -68,8 +68,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command()
 @friendly_errors
 def prepare(
-    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder to write labels.txt and manifests to."),
+    data_dir: str = typer.Argument(..., help="Folder of class folders (a local path or a URL: gs://, s3://...)."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Folder to write labels.txt and manifests to (path or URL)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
     seed: int = Seed,
@@ -110,10 +110,14 @@ def prepare(
 @app.command()
 @friendly_errors
 def train(
-    data_dir: Path = typer.Argument(
-        ..., help="Folder of class folders, or TFRecord data: a .tfrecord file or a folder of them with labels.txt."
+    data_dir: str = typer.Argument(
+        ...,
+        help="Folder of class folders, or TFRecord data: a .tfrecord file or a folder of them with labels.txt. "
+        "A local path or a URL (gs://, s3://...).",
     ),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the model, metrics and logs."),
+    out_dir: str = typer.Option(
+        ..., "--out", "-o", help="Run folder for the model, metrics and logs (a local path or a URL)."
+    ),
     mode: Optional[str] = typer.Option(
         None,
         help="head: linear classifier on frozen features (about a minute on a CPU). "
@@ -147,7 +151,7 @@ def train(
         help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
         "head mode also takes a comma-separated list whose features are concatenated.",
     ),
-    weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
+    weights: Optional[str] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
     epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 8]."),
@@ -172,12 +176,16 @@ def train(
     ),
     tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
     seed: int = Seed,
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache [default: $FLORIST_CACHE or user cache]."),
+    cache_dir: Optional[str] = typer.Option(
+        None, help="Feature cache, a local folder (also holds copies of remote data) [default: $FLORIST_CACHE or "
+        "user cache]."
+    ),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = Quiet,
 ) -> None:
     """Train a classifier on DATA_DIR and save it in --out (prepare runs first)."""
+    from . import remote
     from .distributed import launch_rank
     from .train import TrainConfig
     from .train import train as run_train
@@ -216,7 +224,7 @@ def train(
     run_train(data_dir, out_dir, config, cache_dir=cache_dir, overwrite=overwrite, resume=resume, verbose=not quiet)
     if not main_process:
         return
-    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads(remote.read_bytes(remote.join(out_dir, "metrics.json")))
     if json_out:
         out.print_json(data=metrics)
     elif "top1" in metrics:
@@ -228,8 +236,10 @@ def train(
 @app.command()
 @friendly_errors
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A trained run folder."),
-    data_dir: Optional[Path] = typer.Argument(None, help="Folder of class folders [default: the run's eval split]."),
+    run_dir: str = typer.Argument(..., help="A trained run folder (a local path or a URL)."),
+    data_dir: Optional[str] = typer.Argument(
+        None, help="Folder of class folders, path or URL [default: the run's eval split]."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     quiet: bool = Quiet,
 ) -> None:
@@ -249,8 +259,10 @@ def evaluate(
 @app.command()
 @friendly_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="A trained run folder, or a model exported with `florist export --format onnx`."),
-    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    run_dir: str = typer.Argument(
+        ..., help="A trained run folder, or a model exported with `florist export --format onnx` (local path or URL)."
+    ),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (local or URLs)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
     csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),

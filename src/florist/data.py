@@ -29,6 +29,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import remote
 from .errors import FloristError
 from .files import atomic_write_csv, atomic_write_text, read_csv, sha256_bytes
 from .progress import ProgressFn
@@ -523,16 +524,22 @@ def prepare(
 ) -> Prepared:
     """Scan, validate and split a photo folder; write the manifests when ``out_dir`` is given.
 
+    Either may be a URL (``gs://``, ``s3://``...: see :mod:`florist.remote`); the
+    manifests then name the remote files, while the returned items name their local copies.
+
     Example:
         >>> prepared = florist.prepare("flower_photos", "runs/flowers")  # doctest: +SKIP
         >>> prepared.classes
         ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
     """
-    ds = scan(data_dir, max_pixels=max_pixels, progress=progress)
-    prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
-    prepared.warnings.extend(duplicate_warnings(ds, data_dir))
-    if out_dir is not None:
-        write_manifests(out_dir, prepared)
+    with remote.local_input(data_dir) as data:
+        ds = scan(data.path, max_pixels=max_pixels, progress=progress)
+        prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+        prepared.warnings.extend(duplicate_warnings(ds, data.path))
+        if out_dir is not None:
+            with remote.local_output(out_dir) as out:
+                write_manifests(out.path, prepared)
+                remote.relocate(out.path, data)
     return prepared
 
 

@@ -20,12 +20,12 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone
 from .bundle import BACKBONE_PREFIX, Bundle, build_head
-from .data import iter_paths
 from .errors import FloristError
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
 from .loop import average_probabilities
 from .prediction import Prediction, load, rank  # noqa: F401 (load, Prediction: this module's API)
 from .progress import ProgressFn
+from .remote import expand_inputs
 from .tune import state_id
 
 
@@ -113,11 +113,13 @@ class Classifier:
     def predict(
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
     ) -> list[Prediction]:
-        """Top-``k`` predictions for files, folders (recursive) or glob patterns.
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns, local or URLs.
 
         A file that is not a usable image gets a :class:`Prediction` with ``error`` set;
-        it never stops the others.
+        it never stops the others. Remote files are fetched first (see :mod:`florist.remote`);
+        predictions name them by URL.
         """
-        paths = [str(p) for p in iter_paths(inputs)]
+        pairs = expand_inputs(inputs)  # (name as given, local file)
+        names, paths = [name for name, _ in pairs], [path for _, path in pairs]
         probs, errors = self.predict_proba(paths, progress=progress)
-        return rank(paths, probs, errors, self.classes, top_k)
+        return rank(names, probs, errors, self.classes, top_k)

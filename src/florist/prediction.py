@@ -64,19 +64,26 @@ def is_onnx(path: str | Path) -> bool:
 def load(path: str | Path) -> "Classifier | OnnxClassifier":
     """Load a trained classifier: a run folder (PyTorch) or an exported ``.onnx`` file (ONNX Runtime).
 
+    ``path`` may be a URL (``gs://bucket/runs/x``, ``s3://...``): its model files are fetched
+    into the local cache once, and again only when they change.
+
     Both have ``classes``, ``predict(inputs, top_k)`` and ``predict_proba(paths)``. Loading
     never unpickles: run folders hold safetensors + JSON, ONNX files a protobuf graph.
 
     Raises:
         FloristError: if ``path`` holds no finished, compatible model.
     """
+    from .remote import local_input
+
     if is_onnx(path):
         from .runtime import OnnxClassifier
 
-        return OnnxClassifier(path)
+        with local_input(path) as model:  # a URL is fetched into the local cache once
+            return OnnxClassifier(model.path)
     if Path(path).is_file():
         raise FloristError(f"{path} is a file: expected a run folder or an exported .onnx model")
-    from .bundle import read_bundle
+    from .bundle import MODEL_JSON, MODEL_WEIGHTS, read_bundle
     from .predict import Classifier
 
-    return Classifier.from_bundle(read_bundle(path))
+    with local_input(path, only=[MODEL_JSON, MODEL_WEIGHTS]) as run:
+        return Classifier.from_bundle(read_bundle(run.path))

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import DEFAULT_MAX_PIXELS, BadImage, iter_paths, read_file
+from .data import DEFAULT_MAX_PIXELS, BadImage, read_file
 from .errors import FloristError
 from .prediction import Prediction, rank
 from .preprocess import ModelInput, image_arrays
@@ -127,9 +127,11 @@ class ArrayClassifier:
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
     ) -> list[Prediction]:
         """Top-``k`` predictions for files, folders (recursive) or glob patterns (as ``Classifier.predict``)."""
-        paths = [str(p) for p in iter_paths(inputs)]
-        probs, errors = self.predict_proba(paths, progress=progress)
-        return rank(paths, probs, errors, self.classes, top_k)
+        from .remote import expand_inputs
+
+        pairs = expand_inputs(inputs)  # (name as given, local file)
+        probs, errors = self.predict_proba([path for _, path in pairs], progress=progress)
+        return rank([name for name, _ in pairs], probs, errors, self.classes, top_k)
 
     def predict_bytes(
         self, images: Sequence[bytes], names: Sequence[str] | None = None, top_k: int = 5

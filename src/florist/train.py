@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import remote
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .bundle import (
     BACKBONE_PREFIX,
@@ -372,12 +373,14 @@ def train(
     Args:
         data_dir: ``<folder>/<class>/<images>``, or TFRecord data: a file or a folder of
             ``*.tfrecord`` files with ``labels.txt`` (see :func:`florist.tfrecord.prepare_records`).
+            ``data_dir`` and ``out_dir`` may be URLs (``gs://``, ``s3://``...: see :mod:`florist.remote`).
         out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
             model.json (written last), metrics.json, run.json (how to reproduce it) and
             TensorBoard logs under ``tb/``.
         config: hyperparameters; keyword ``overrides`` replace single fields
             (``florist.train("photos", "run", epochs=30)``).
-        cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder).
+        cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder); a local
+            folder, which also holds local copies of remote data.
         overwrite: replace a finished run in ``out_dir``.
         resume: finetune: continue from ``out_dir``'s checkpoint of an interrupted run with the
             same settings and data.
@@ -391,9 +394,21 @@ def train(
     """
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
     device = pick_device(cfg.device)
+    cache_root = remote.require_local(cache_dir, "the feature cache (--cache-dir)") if cache_dir else default_cache_dir()
+    if cfg.weights and remote.is_remote(cfg.weights):
+        raise FloristError(f"--weights must be a local file, got {cfg.weights}")
     joined = dist.init(device)
     try:
-        return _train(data_dir, Path(out_dir), cfg, device, cache_dir, overwrite, resume, verbose)
+        # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
+        # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
+        with (
+            remote.local_input(data_dir, siblings=["labels.txt"], root=cache_root) as data,
+            remote.local_output(out_dir, fetch=[MODEL_JSON, CHECKPOINT], root=cache_root) as out,
+        ):
+            model = _train(data.path, out.path, cfg, device, cache_root, overwrite, resume, verbose)
+            if dist.is_main():
+                remote.relocate(out.path, data)
+            return model
     finally:
         if joined:
             dist.shutdown()
