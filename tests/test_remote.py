@@ -342,7 +342,9 @@ def test_torchrun_feature_extraction_is_bit_identical(photos: Path, s3: str, tmp
     two = load_tensors(_files(run)["model.safetensors"])
     assert all(torch.equal(one.head.state_dict()[k], two[k]) for k in two), "and so the same head"
     assert not list((tmp_path / "c2" / "remote").glob("out-*")), "rank 0 uploaded the run and cleaned up"
-    assert np.isclose(json.loads(_files(run)["metrics.json"])["top1"], 1.0)
+    metrics = json.loads(_files(run)["metrics.json"])
+    assert np.isclose(metrics["top1"], 1.0)
+    assert metrics["features_computed"] == 48, "the processes' shares add up to every image and view"
 
 
 def test_default_cache_must_be_local(monkeypatch) -> None:

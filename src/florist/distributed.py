@@ -126,11 +126,24 @@ def gather_rows(rows: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _tensor_device() -> Any:
+    """Where collective tensors live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
+def sum_over_processes(value: int) -> int:
+    """The sum of ``value`` over every process (``value`` itself in a single process)."""
+    if world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.long, device=_tensor_device())
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def broadcast_flag(value: bool) -> bool:
     """Rank 0's ``value`` in every process (so all of them stop at the same epoch)."""
     if world_size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(value)], device=device)
+    flag = torch.tensor([int(value)], device=_tensor_device())
     dist.broadcast(flag, src=0)
     return bool(flag.item())

@@ -568,12 +568,12 @@ def _extract_splits(
         common = {"cache_root": run.cache_root, "seed": seed, "part": part, **kwargs}
         if dist.world_size() > 1:
             share = [items[i] for i in dist.my_share(len(items))]
-            _extract_items(backbones, share, views[split_name], f"{what} ({split_name}", run.verbose, **common)
-            dist.barrier()
+            mine = _extract_items(backbones, share, views[split_name], f"{what} ({split_name}", run.verbose, **common)
+            computed += dist.sum_over_processes(sum(r.computed for r in mine.values()))  # includes a barrier
         results = _extract_items(
             backbones, items, views[split_name], f"{what} ({split_name}", run.verbose and dist.world_size() == 1, **common
         )
-        computed += sum(r.computed for r in results.values())
+        computed += sum(r.computed for r in results.values())  # 0 after the shared pass, unless a file changed
         kept[split_name], outputs[split_name], failed = _drop_failed(items, results)
         prepared.skipped.extend(failed)
     return kept, outputs, computed
