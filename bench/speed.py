@@ -29,6 +29,7 @@ its ``speed-table`` markers.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -182,11 +183,13 @@ class _NaiveImages(Dataset):
             return self.transform(image.convert("RGB"))
 
 
-def naive_rate(paths: Sequence[Path], repeats: int) -> dict:
+def naive_rate(
+    paths: Sequence[Path], repeats: int, backbone: Backbone | None = None, workers: int = NAIVE_WORKERS
+) -> dict:
     """Images/s of the naive pipeline: plain timm model, fp32, no channels_last, ``no_grad``."""
-    backbone = create_backbone()
-    model = backbone.model.to(memory_format=torch.contiguous_format)
-    loader = DataLoader(_NaiveImages(paths, backbone.data_config), batch_size=NAIVE_BATCH, num_workers=NAIVE_WORKERS)
+    backbone = backbone or create_backbone()
+    model = copy.deepcopy(backbone.model).to(memory_format=torch.contiguous_format)
+    loader = DataLoader(_NaiveImages(paths, backbone.data_config), batch_size=NAIVE_BATCH, num_workers=workers)
 
     def run() -> int:
         n = 0
@@ -196,7 +199,7 @@ def naive_rate(paths: Sequence[Path], repeats: int) -> dict:
                 n += len(x)
         return n
 
-    return {"batch_size": NAIVE_BATCH, "workers": NAIVE_WORKERS, **timed_rate(run, repeats)}
+    return {"batch_size": NAIVE_BATCH, "workers": workers, **timed_rate(run, repeats)}
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
         "other": florist_rate(paths, other, args.repeats, work),
     }
     log("florist", results["florist"])
-    results["naive"] = naive_rate(paths, args.repeats)
+    results["naive"] = naive_rate(paths, args.repeats, default)
     log("naive", results["naive"])
     if not args.skip_train:
         results["train_head"] = train_wall_times(args.data, work / "train")
