@@ -96,7 +96,7 @@ def backbone_for(precision: str) -> Backbone:
 
 def decode_rate(paths: Sequence[Path], backbone: Backbone, workers: int, repeats: int) -> dict:
     """Images/s of florist's read + draft decode + resize + crop, without the model."""
-    dataset = _ImageFiles([str(p) for p in paths], backbone.data_config)
+    dataset = _ImageFiles([str(p) for p in paths], backbone.data_config, uint8=True)
 
     def run() -> int:
         loader = DataLoader(dataset, batch_size=NAIVE_BATCH, num_workers=workers)
