@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -151,6 +152,34 @@ def florist_rate(paths: Sequence[Path], backbone: Backbone, repeats: int, cache_
         return len(paths)
 
     return {"precision": "bf16" if backbone.bf16 else "fp32", **timed_rate(run, repeats)}
+
+
+def feature_agreement(paths: Sequence[Path], a: Backbone, b: Backbone) -> dict:
+    """How close two precisions' features are: cosine similarity and relative L2 error per image."""
+    fa = extract_features(a, paths).features
+    fb = extract_features(b, paths).features
+    norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
+    cosine = (fa * fb).sum(axis=1) / np.maximum(norms, 1e-12)
+    rel = np.linalg.norm(fa - fb, axis=1) / np.maximum(np.linalg.norm(fb, axis=1), 1e-12)
+    return {
+        "images": len(paths),
+        "min_cosine": round(float(cosine.min()), 5),
+        "mean_relative_l2": round(float(rel.mean()), 5),
+        "max_relative_l2": round(float(rel.max()), 5),
+    }
+
+
+def cited_accuracy(path: Path = ROOT / "bench" / "results" / "accuracy.json") -> dict:
+    """Head-mode top-1 with bf16 and with fp32 features, from bench/accuracy.py's last run."""
+    if not path.exists():
+        return {}
+    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
+    names = {"bf16": "head", "fp32": "head (fp32 features)"}
+    return {
+        precision: {"top1": rows[name]["top1"], "n_eval": rows[name]["n_eval"], "measured": rows[name]["measured"]}
+        for precision, name in names.items()
+        if name in rows
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -306,6 +335,11 @@ def table(report: dict) -> str:
                 f"{m['main_mib']:.0f} MiB (+ workers {m['worker_mib']:.0f} MiB)",
             )
         )
+    if "bf16_vs_fp32_features" in r:
+        f = r["bf16_vs_fp32_features"]
+        rows.append(("bf16 vs fp32 features: mean relative L2 error", f"{f['mean_relative_l2']:.2%}"))
+    for precision, cited in report.get("head_top1_from_accuracy_bench", {}).items():
+        rows.append((f"head-mode top-1 with {precision} features (bench/accuracy.py)", f"{cited['top1']:.2%}"))
     lines = ["| measurement | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -345,6 +379,8 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
         "other": florist_rate(paths, other, args.repeats, work),
     }
     log("florist", results["florist"])
+    results["bf16_vs_fp32_features"] = feature_agreement(paths[: args.agreement_images], default, other)
+    log("bf16 vs fp32 features", results["bf16_vs_fp32_features"])
     results["naive"] = naive_rate(paths, args.repeats, default)
     log("naive", results["naive"])
     if not args.skip_train:
@@ -362,6 +398,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="use only this many photos (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is kept)")
     parser.add_argument("--forward-images", type=int, default=512, help="images per timed forward-only run")
+    parser.add_argument("--agreement-images", type=int, default=128, help="photos to compare bf16/fp32 features on")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCH_SIZES))
     parser.add_argument("--quick", action="store_true", help="96 photos, 1 repeat, no train/RSS; not for results")
     parser.add_argument("--skip-train", action="store_true")
@@ -381,6 +418,7 @@ def main() -> None:
     if args.quick:
         args.images, args.repeats, args.forward_images = args.images or 96, 1, 64
         args.batch_sizes, args.skip_train, args.skip_rss = [16, 32], True, True
+        args.agreement_images = 16
     paths = list_images(args.data, args.images)
     with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
         results = measure(args, paths, Path(tmp))
@@ -401,6 +439,7 @@ def main() -> None:
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "results": results,
         "summary": summarise(results),
+        "head_top1_from_accuracy_bench": cited_accuracy(),
     }
     print(table(report))
     if args.quick:
