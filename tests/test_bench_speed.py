@@ -47,6 +47,7 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tmp_path: Path)
     assert 0.9 < agreement["min_cosine"] <= 1.0 and 0 < agreement["max_relative_l2"] < 0.2
     assert results["florist"]["default"]["precision"] == ("bf16" if default.bf16 else "fp32")
     assert len(results["florist"]["default"]["runs"]) == 1
+    assert results["florist"]["other"]["network_images"] == len(paths)  # every run starts cold
     assert [r["batch_size"] for r in results["compute_limit"]["fp32"]["by_batch_size"]] == [4, 8]
     for figure in (results["decode"]["pipeline"], results["naive"], results["florist"]["other"]):
         assert figure["images_per_s"] > 0
