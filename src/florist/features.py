@@ -224,13 +224,24 @@ class FeatureCache:
 class _ImageFiles(Dataset):
     """Reads, hashes and preprocesses files (or TFRecord records); a bad one yields its error instead of raising."""
 
-    def __init__(self, paths: Sequence[str], data_config: dict[str, Any], view: str = "clean", seed: int = 0):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        data_config: dict[str, Any],
+        view: str = "clean",
+        seed: int = 0,
+        *,
+        uint8: bool = False,
+    ):
+        """``uint8=True`` yields :func:`pixel_view`'s uint8 pixels for fixed views (see :func:`normalize_pixels`)."""
         self.paths = list(paths)
         self.data_config = data_config
         self.view = view
         self.seed = seed
-        self.transform = build_transform(data_config, view)
-        self.blank = torch.zeros(view_shape(data_config, view), dtype=torch.uint8 if view.endswith(PIXELS) else None)
+        transform_view = pixel_view(view) if uint8 else view
+        self.transform = build_transform(data_config, transform_view)
+        dtype = torch.uint8 if transform_view.endswith(PIXELS) else None
+        self.blank = torch.zeros(view_shape(data_config, view), dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -248,6 +259,17 @@ class _ImageFiles(Dataset):
                 return i, self.transform(image), sha, ""
         except BadImage as e:
             return i, self.blank, "", str(e) or "unreadable image"
+
+
+def pixel_view(view: str) -> str:
+    """The view the loader produces for ``view``: fixed views travel as uint8 (``clean/u8``).
+
+    Workers then send a quarter of the bytes through shared memory (prefetched batches
+    of 64 float images hold 38 MB each) and :func:`normalize_pixels` finishes them, bit
+    for bit as the float view would, next to the model. Random views stay float
+    (their colour jitter works on floats).
+    """
+    return view + PIXELS if view in ("clean", "flip") else view
 
 
 @dataclass
@@ -351,7 +373,7 @@ def extract_features(
     if todo:
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
-            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed),
+            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed, uint8=True),
             batch_size=batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
@@ -368,7 +390,10 @@ def extract_features(
                     good.append(j)
             ran += len(good)
             if good:
-                x = images[good].to(device).contiguous(memory_format=torch.channels_last)
+                x = images[good].to(device)
+                if pixel_view(view) != view:
+                    x = normalize_pixels(x, backbone.data_config)
+                x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone.bf16):
                     out = network(x).float().cpu().numpy().astype(dtype)
                 for row, j in zip(out, good):
