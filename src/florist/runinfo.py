@@ -45,7 +45,7 @@ def data_hash(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item
         (str(Path(it.path).resolve().relative_to(root)), classes[it.label], it.sha256) for it in items
     )
     for row in rows:
-        h.update("\t".join(row).encode("utf-8") + b"\n")
+        h.update("\t".join(row).encode("utf-8", errors="surrogateescape") + b"\n")  # any file name
     return h.hexdigest()
 
 
