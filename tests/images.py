@@ -361,7 +361,11 @@ class Corpus:
 
 
 #: The corpus's classes: names with spaces and non-ASCII letters, and their colours.
-CORPUS_CLASSES: dict[str, Color] = {"blue ☁ sky": (30, 50, 210), "green leaves": (30, 170, 40), "red flowers": (200, 30, 30)}
+CORPUS_CLASSES: dict[str, Color] = {
+    "blue ☁ sky": (30, 50, 210),
+    "green leaves": (30, 170, 40),
+    "red flowers": (200, 30, 30),
+}
 
 
 def make_corpus(root: str | Path, plain_per_class: int = 5) -> Corpus:

@@ -34,18 +34,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # broken exif.jpg, on purpose
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> im.Corpus:
-    return im.make_corpus(tmp_path_factory.mktemp("corpus") / "photos")
-
-
-@pytest.fixture(scope="module")
-def corpus_run(corpus: im.Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("corpus-run") / "run"
-    florist.train(corpus.root, run, mode="head", epochs=3, eval_fraction=0.25, tta=False)  # tta: one view, faster
-    return run
-
-
 def assert_reported_once(corpus: im.Corpus, reported: Iterable[tuple[str, str]]) -> None:
     """``reported`` (path, reason) names every bad file exactly once, with the expected reason, and nothing else."""
     reported = list(reported)
@@ -169,7 +157,7 @@ def test_cli_predict_exits_1_and_prints_names_as_bytes(corpus: im.Corpus, corpus
     """A real process: exit status 1 for the bad file, non-UTF-8 names on stdout as their bytes, stderr quiet."""
     files = _named(corpus, *ODD_FOR_OUTPUT)
     proc = subprocess.run(
-        [sys.executable, "-m", "florist", "predict", str(corpus_run), *map(os.fsencode, files), "--csv", "--top-k", "1"],
+        [sys.executable, "-m", "florist", "predict", str(corpus_run), *map(os.fsencode, files), "--csv", "-k", "1"],
         capture_output=True, timeout=600,
     )
     assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]

@@ -76,7 +76,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path: P
                 pass
     pid = _hold_in_child(run)  # another process
     try:
-        with pytest.raises(FloristError, match=r"being written by another florist process \(it holds .*\.florist\.lock\)"):
+        with pytest.raises(FloristError, match=r"being written by another florist process \(it holds .*\.florist\.lock"):
             with folder_lock(run):
                 pass
     finally:

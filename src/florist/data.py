@@ -247,7 +247,9 @@ def find_class_folders(data_dir: str | Path) -> dict[str, Path]:
         raise FloristError(f"cannot list folder (permission denied): {root}") from None
     for p in entries:
         if "\n" in p.name or "\r" in p.name:
-            raise FloristError(f"class folder name with a line break: {p.name!r} (labels.txt has one per line); rename it")
+            raise FloristError(
+                f"class folder name with a line break: {p.name!r} (labels.txt has one per line); rename it"
+            )
     return {p.name: p for p in entries}
 
 
