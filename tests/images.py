@@ -378,9 +378,9 @@ def make_corpus(root: str | Path, plain_per_class: int = 5) -> Corpus:
     that are not UTF-8), and of the bad ones (truncated and corrupt JPEG/PNG, empty,
     text, HTML, TIFF/ICO, 20000x20000 "bomb" headers in PNG/JPEG/GIF, a 1-pixel-high
     line, link loops, a dangling link, a link to a folder, a named pipe, a 300 MB
-    sparse file, and a file without read permission when the tests do not run as root,
-    which can read anything). Files the file system refuses (names that are not
-    UTF-8 on macOS) are left out of the corpus.
+    sparse file, and a file and a folder without read permission when the tests do
+    not run as root, which can read anything). Files the file system refuses (names
+    that are not UTF-8 on macOS) are left out of the corpus.
     """
     root = Path(root)
     corpus = Corpus(root, sorted(CORPUS_CLASSES))
@@ -488,6 +488,12 @@ def make_corpus(root: str | Path, plain_per_class: int = 5) -> Corpus:
         good(locked, "mode 000, but this user (root) can read it")
     else:
         corpus.bad[locked] = r"permission denied"
+    inside = write_noisy(folder(2) / "locked folder" / "inside.jpg", colour(2), next(seed))
+    inside.parent.chmod(0)
+    if os.access(inside.parent, os.R_OK | os.X_OK):  # root again
+        good(inside, "in a mode-000 folder, but this user (root) can read it")
+    else:
+        corpus.bad[inside.parent] = r"folder that cannot be listed"
 
     # --- ignored: hidden entries, files outside the class folders
     corpus.ignored += [

@@ -228,7 +228,7 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
-    with mock.patch("os.scandir", scandir), mock.patch.object(os, "access", return_value=False):
+    with mock.patch("os.scandir", scandir):
         prepared = prepare(root, eval_fraction=0.25)
     assert [(s.path, s.reason) for s in prepared.skipped] == [
         (str(locked), "folder that cannot be listed (permission denied?)")
