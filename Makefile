@@ -9,7 +9,12 @@ DATA ?= $(wildcard ../shared/data/flower_photos)
 RUN ?= runs/flowers
 PYTEST_ARGS ?=
 
-.PHONY: install demo test docs clean
+# Headless browser for the web-page tests: Debian's chromium (Playwright's own browser
+# download is never used). Installed when missing and we are root with apt-get; otherwise
+# those tests skip locally (and fail under CI).
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser demo test docs clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +31,17 @@ demo: install
 	$(VENV)/bin/florist train "$$data" --out $(RUN) --overwrite && \
 	$(VENV)/bin/florist predict $(RUN) "$$data/roses" --top-k 1 --csv | head -4
 
-test: install
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium (apt-get)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "note: no $(CHROMIUM): the browser tests will skip (apt-get install chromium)"; \
+		fi; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -75,3 +75,13 @@ def flower_photos() -> Path:
     if not SHARED_FLOWERS.is_dir():
         pytest.skip(f"real data not present at {SHARED_FLOWERS} (see shared/README.md)")
     return SHARED_FLOWERS
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`trained_run` exported to ONNX (read-only by convention)."""
+    from florist.export import export
+
+    path = tmp_path_factory.mktemp("export") / "colours.onnx"
+    export(trained_run, path, check_images=4)
+    return path

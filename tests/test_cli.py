@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from florist.cli import app
 
 runner = CliRunner()
-COMMANDS = ["prepare", "train", "evaluate", "predict", "download"]
+COMMANDS = ["prepare", "train", "evaluate", "predict", "download", "export", "serve"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -602,6 +602,32 @@ def test_identical_files_on_disk_stay_together(tmp_path):
         assert not (in_train and in_eval)
 
 
+def test_image_in_two_classes_goes_to_train_in_both():
+    """A label conflict (same bytes under two classes) never reaches eval, so it cannot leak."""
+    ds = items_for({"a": 10, "b": 10})
+    ds.items += [Item("a/same.jpg", 0, "shared"), Item("b/same.jpg", 1, "shared")]
+    for seed in range(30):  # with 3 of 11 per class in train, a copy would go to eval in most seeds
+        for kwargs in ({"eval_fraction": 0.5}, {"train_per_class": 3}):
+            train, evaluation = split(ds, seed=seed, **kwargs)
+            assert [it.path for it in train if it.sha256 == "shared"] == ["a/same.jpg", "b/same.jpg"]
+            assert not {it.sha256 for it in train} & {it.sha256 for it in evaluation}
+            assert len(train) + len(evaluation) == 22
+
+
+def test_prepare_reports_duplicates_and_conflicts(tmp_path):
+    root = im.make_class_folders(tmp_path / "photos", TWO, n=6)
+    shutil.copy(root / "red" / "img_00.jpg", root / "red" / "copy.jpg")
+    shutil.copy(root / "red" / "img_01.jpg", root / "blue" / "misfiled.jpg")
+    prepared = prepare(root, eval_fraction=0.5, seed=0)
+    same, conflict = prepared.warnings
+    assert "2 files are exact copies within their class" in same and "red/copy.jpg" in same
+    assert "label conflict" in conflict and "'blue', 'red'" in conflict
+    assert "blue/misfiled.jpg" in conflict and "red/img_01.jpg" in conflict
+    conflict_hash = hashlib.sha256((root / "red" / "img_01.jpg").read_bytes()).hexdigest()
+    assert not [it for it in prepared.eval if it.sha256 == conflict_hash]
+    assert len([it for it in prepared.train if it.sha256 == conflict_hash]) == 2
+
+
 def test_drop_small_classes_renumbers_labels():
     ds = items_for({"a": 3, "b": 1, "c": 3})
     kept = drop_small_classes(ds, minimum=2)
@@ -735,7 +761,9 @@ def test_prepare_real_flower_photos(tmp_path):
     prepared = prepare(REAL_FLOWERS, tmp_path / "run", eval_fraction=0.2)
     assert prepared.classes == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert prepared.skipped == []
-    assert prepared.warnings == []
+    same, conflict = prepared.warnings  # the subset's real duplicates (see tests/test_audit.py)
+    assert same.startswith("4 files are exact copies within their class (2 group(s)")
+    assert "roses/15922772266_1167a06620.jpg, tulips/15922772266_1167a06620.jpg" in conflict
     assert len(prepared.train) == 1200 and len(prepared.eval) == 300
     assert Counter(it.label for it in prepared.eval) == {i: 60 for i in range(5)}
     assert not {it.path for it in prepared.train} & {it.path for it in prepared.eval}

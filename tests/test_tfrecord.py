@@ -298,7 +298,7 @@ def test_training_on_records_matches_the_folder_route(photos: Path, trained_run:
     """Same photos, same split and seed: same eval images, same top-1, the same weights."""
     records, run = tmp_path / "records", tmp_path / "run"
     prepare_tfrecords(photos, records, shards=2, eval_fraction=0.25)
-    florist.train(records, run, epochs=10, mode="head")  # trained_run: the same on photos, eval_fraction=0.25
+    florist.train(records, run, epochs=10, mode="head")  # as trained_run: same photos, epochs, eval_fraction
     folder_metrics = json.loads((trained_run / "metrics.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert _shas(run / "eval.csv") == _shas(trained_run / "eval.csv")

@@ -237,3 +237,15 @@ def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_
     changed = json.loads((tmp_path / "b" / "run.json").read_text())["data_sha256"]
     assert same == info["data_sha256"]
     assert changed != same
+
+
+def test_photos_that_are_symlinks_to_elsewhere(photos: Path, tmp_path: Path) -> None:
+    """A class folder of links to files stored elsewhere (a common way to make subsets)."""
+    linked = tmp_path / "linked"
+    for source in sorted(photos.rglob("*.jpg")):
+        target = linked / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+    florist.train(linked, tmp_path / "run", epochs=1, mode="head")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["n_images"] == 24 and len(info["data_sha256"]) == 64

@@ -7,15 +7,29 @@
 Stages, one module each, data flowing one way:
 photos -> :mod:`~florist.data` (prepare) -> :mod:`~florist.features` (with
 :mod:`~florist.backbones`) -> :mod:`~florist.train` -> :mod:`~florist.bundle`
--> :mod:`~florist.predict` / :mod:`~florist.evaluate`.
+-> :mod:`~florist.predict` / :mod:`~florist.evaluate` -> :mod:`~florist.export`
+-> :mod:`~florist.serve`; :mod:`~florist.report` shows a run as HTML and
+:mod:`~florist.audit` checks a photo folder before training.
+
+An exported ``.onnx`` model needs no torch: :func:`load` on it, ``florist predict``
+and ``florist serve`` run it with ONNX Runtime, and this package imports without
+torch installed (the training API is then missing).
 """
 
-from .backbones import create_backbone
+from .audit import audit
 from .data import prepare
 from .errors import FloristError
 from .evaluate import evaluate
-from .predict import Classifier, Prediction, load
-from .train import TrainConfig, train
+from .prediction import Prediction, load
+
+try:
+    from .backbones import create_backbone
+    from .predict import Classifier
+    from .report import write_report
+    from .train import TrainConfig, train
+except ModuleNotFoundError as e:  # a torch-less install serves exported ONNX models only
+    if e.name not in ("torch", "torchvision", "timm"):
+        raise
 
 __version__ = "0.1.0"
 
@@ -24,10 +38,12 @@ __all__ = [
     "FloristError",
     "Prediction",
     "TrainConfig",
+    "__version__",
+    "audit",
     "create_backbone",
     "evaluate",
     "load",
     "prepare",
     "train",
-    "__version__",
+    "write_report",
 ]

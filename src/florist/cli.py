@@ -93,8 +93,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command()
 @friendly_errors
 def prepare(
-    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder to write labels.txt and manifests to."),
+    data_dir: str = typer.Argument(..., help="Folder of class folders (a local path or a URL: gs://, s3://...)."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Folder to write labels.txt and manifests to (path or URL)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
     seed: int = Seed,
@@ -135,10 +135,14 @@ def prepare(
 @app.command()
 @friendly_errors
 def train(
-    data_dir: Path = typer.Argument(
-        ..., help="Folder of class folders, or TFRecord data: a .tfrecord file or a folder of them with labels.txt."
+    data_dir: str = typer.Argument(
+        ...,
+        help="Folder of class folders, or TFRecord data: a .tfrecord file or a folder of them with labels.txt. "
+        "A local path or a URL (gs://, s3://...).",
     ),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the model, metrics and logs."),
+    out_dir: str = typer.Option(
+        ..., "--out", "-o", help="Run folder for the model, metrics and logs (a local path or a URL)."
+    ),
     mode: Optional[str] = typer.Option(
         None,
         help="head: linear classifier on frozen features (about a minute on a CPU). "
@@ -172,10 +176,10 @@ def train(
         help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
         "head mode also takes a comma-separated list whose features are concatenated.",
     ),
-    weights: Optional[Path] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
+    weights: Optional[str] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 10]."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 8]."),
     steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: 0.005 adam, 0.01 sgd; finetune 1e-3]."),
@@ -197,12 +201,16 @@ def train(
     ),
     tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
     seed: int = Seed,
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache [default: $FLORIST_CACHE or user cache]."),
+    cache_dir: Optional[str] = typer.Option(
+        None, help="Feature cache, a local folder (also holds copies of remote data) [default: $FLORIST_CACHE or "
+        "user cache]."
+    ),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = Quiet,
 ) -> None:
     """Train a classifier on DATA_DIR and save it in --out (prepare runs first)."""
+    from . import remote
     from .distributed import launch_rank
     from .train import TrainConfig
     from .train import train as run_train
@@ -241,18 +249,22 @@ def train(
     run_train(data_dir, out_dir, config, cache_dir=cache_dir, overwrite=overwrite, resume=resume, verbose=not quiet)
     if not main_process:
         return
-    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads(remote.read_bytes(remote.join(out_dir, "metrics.json")))
     if json_out:
         out.print_json(data=metrics)
     elif "top1" in metrics:
         _print_metrics(metrics)
+    if not quiet and not json_out:
+        out.print(f"report: {out_dir / 'report.html'}", highlight=False)
 
 
 @app.command()
 @friendly_errors
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A trained run folder."),
-    data_dir: Optional[Path] = typer.Argument(None, help="Folder of class folders [default: the run's eval split]."),
+    run_dir: str = typer.Argument(..., help="A trained run folder (a local path or a URL)."),
+    data_dir: Optional[str] = typer.Argument(
+        None, help="Folder of class folders, path or URL [default: the run's eval split]."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
     quiet: bool = Quiet,
 ) -> None:
@@ -272,15 +284,17 @@ def evaluate(
 @app.command()
 @friendly_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="A trained run folder."),
-    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    run_dir: str = typer.Argument(
+        ..., help="A trained run folder, or a model exported with `florist export --format onnx` (local path or URL)."
+    ),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (local or URLs)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
     csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),
     quiet: bool = Quiet,
 ) -> None:
-    """Classify images; unreadable files get an error entry and exit status 1."""
-    from .predict import load
+    """Classify images; unreadable files get an error entry and exit status 1. A .onnx model runs without torch."""
+    from .prediction import load
 
     _setup_logging(quiet)
     model = load(run_dir)
@@ -321,6 +335,130 @@ def download(
     with progress_bar("Downloading flower_photos", enabled=not quiet, unit="bytes") as bar:
         folder = run_download(dest=dest, progress=bar)
     out.print(str(folder), highlight=False, markup=False)
+
+
+@app.command()
+@friendly_errors
+def audit(
+    data_dir: Path = typer.Argument(..., help="Folder of class folders."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full audit as JSON."),
+    near_distance: int = typer.Option(
+        8, help="Perceptual-hash distance (0-64) at or below which two pictures are near duplicates; -1: off."
+    ),
+    min_side: int = typer.Option(112, help="Report images whose shorter side is below this many pixels."),
+    limit: int = typer.Option(10, help="Rows shown per kind of problem (--json lists all)."),
+    quiet: bool = Quiet,
+) -> None:
+    """Check a photo folder: class balance, unusable/odd files, exact and near duplicates, label conflicts, tiny images."""
+    from .audit import audit as run_audit
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Auditing images", enabled=not quiet and not json_out) as bar:
+        report = run_audit(data_dir, near_distance=near_distance, min_side=min_side, progress=bar)
+    if json_out:
+        out.print_json(data=report.to_dict())
+    else:
+        _print_audit(report, limit)
+
+
+@app.command()
+@friendly_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    quantize: bool = typer.Option(
+        False, help="ONNX only: dynamic int8 quantization; reports its top-1 change on the run's eval split."
+    ),
+    check_images: int = typer.Option(16, help="Real images (from the run's manifests) for the parity check."),
+    eval_limit: Optional[int] = typer.Option(None, help="With --quantize: evaluate on at most this many eval images."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+    quiet: bool = Quiet,
+) -> None:
+    """Write backbone + head as one ONNX or TorchScript file (labels and preprocessing in its metadata)."""
+    from .export import export as run_export
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    with progress_bar("Evaluating fp32 and int8", enabled=quantize and not quiet and not json_out) as bar:
+        report = run_export(
+            run_dir, out_file, format=format, quantize=quantize, check_images=check_images, eval_limit=eval_limit,
+            progress=bar,
+        )
+    if json_out:
+        out.print_json(data=report.to_dict())
+    elif not quiet:
+        for line in report.summary():
+            out.print(line, highlight=False)
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A trained run folder."),
+    quiet: bool = Quiet,
+) -> None:
+    """(Re)write RUN_DIR/report.html, confusion_matrix.png and curves.png from the run's files."""
+    from .report import write_report
+
+    _setup_logging(quiet)
+    path = write_report(run_dir)
+    if not quiet:
+        out.print(str(path), highlight=False)
+
+
+def _print_audit(report: Any, limit: int) -> None:
+    """Per-class counts, one table row per problem (at most ``limit`` of each kind), then the warnings."""
+    out.print(
+        f"{report.root}: {report.n_images} usable images in {len(report.classes)} classes "
+        f"({report.n_files} files)",
+        highlight=False,
+    )
+    counts = Table("class", "images", "share")
+    for name, n in report.classes.items():
+        counts.add_row(name, str(n), f"{n / max(1, report.n_images):.1%}")
+    out.print(counts)
+    rows: list[tuple[str, str, str]] = []
+
+    def add(kind: str, found: list[Any], row: Callable[[Any], tuple[str, str]]) -> None:
+        rows.extend((kind, *row(x)) for x in found[:limit])
+        if len(found) > limit:
+            rows.append((kind, f"... {len(found) - limit} more (--json lists all)", ""))
+
+    same = [g for g in report.exact_duplicates if len(set(g.classes)) == 1]
+    add("label conflict", report.label_conflicts, lambda g: ("\n".join(g.paths), "same bytes, two classes"))
+    add("exact duplicate", same, lambda g: ("\n".join(g.paths), "same bytes"))
+    add("near duplicate", report.near_duplicates, lambda n: ("\n".join(n.paths), f"distance {n.distance}"))
+    add("unusable", report.unreadable, lambda f: (f.path, f.reason))
+    add("odd file", report.odd, lambda f: (f.path, f.reason))
+    add("tiny", report.tiny, lambda t: (t.path, f"{t.width}x{t.height} px"))
+    if rows:
+        table = Table("problem", "file(s)", "detail")
+        table.columns[1].overflow = "fold"  # a path is never cut short
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    for message in report.warnings:
+        out.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    if not report.warnings:
+        out.print("no problems found")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: Path = typer.Argument(..., help="A trained run folder (PyTorch) or an exported .onnx file (ONNX Runtime)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_mb: float = typer.Option(20.0, help="Largest accepted request body, in megabytes."),
+    quiet: bool = Quiet,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /labels, GET /health, a web page at / and docs at /docs."""
+    from .serve import serve as run_serve
+
+    _setup_logging(quiet)
+    run_serve(model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level="warning" if quiet else "info")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -30,9 +30,12 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import remote
 from .errors import FloristError
 from .files import atomic_write_csv, atomic_write_text, read_csv, sha256_bytes
 from .progress import ProgressFn
+
+T = TypeVar("T")
 
 #: Formats accepted, by what the file's content says (not its extension). MPO is
 #: the multi-picture JPEG many cameras write.
@@ -58,7 +61,6 @@ MAX_ASPECT_RATIO = 50
 #: for good. Only the (fast) header read is serialised; decoding stays parallel.
 _OPEN_LOCK = threading.Lock()
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -322,13 +324,7 @@ def scan(
                 f"known classes: {', '.join(map(repr, classes))}"
             )
         class_names = list(classes)
-    candidates = [
-        (name, path)
-        for name in class_names
-        if name in folders
-        for path in _candidate_files(folders[name])
-        if not _is_hidden(path, root)
-    ]
+    candidates = class_files(root, folders, class_names)
     results = check_all(lambda p: check_file(p, max_pixels), [p for _, p in candidates], workers, progress)
     index = {name: i for i, name in enumerate(class_names)}
     items: list[Item] = []
@@ -339,6 +335,17 @@ def scan(
         else:
             items.append(Item(str(path), index[name], result))
     return Dataset(class_names, items, skipped)
+
+
+def class_files(root: Path, folders: dict[str, Path], class_names: Sequence[str]) -> list[tuple[str, Path]]:
+    """``(class, file)`` for every non-hidden file in the named class folders, in a fixed order."""
+    return [
+        (name, path)
+        for name in class_names
+        if name in folders
+        for path in _candidate_files(folders[name])
+        if not _is_hidden(path, root)
+    ]
 
 
 def check_all(
@@ -414,7 +421,10 @@ def split(
     Either ``train_per_class`` images of each class go to training and the rest
     to evaluation (the original project's way), or ``eval_fraction`` of each
     class goes to evaluation. Identical files (same SHA-256) always land on
-    the same side, so an exact duplicate cannot leak from train into eval.
+    the same side, so an exact duplicate cannot leak from train into eval. An
+    image found under two classes (a label conflict, see :func:`duplicate_groups`)
+    goes to train in every class: one copy per side would leak, and an eval image
+    whose label contradicts itself cannot be scored fairly.
 
     Raises:
         FloristError: invalid arguments or a class too small for the request.
@@ -453,7 +463,46 @@ def split(
             last_chance = i == len(groups) - 1 and 0 < taken < n_train < n
             (train if taken < n_train and not last_chance else evaluation).extend(group)
             taken += len(group)
+    conflicts = {g[0].sha256 for g in duplicate_groups(ds.items) if len({it.label for it in g}) > 1}
+    train += [it for it in evaluation if it.sha256 in conflicts]
+    evaluation = [it for it in evaluation if it.sha256 not in conflicts]
     return sorted(train, key=_order), sorted(evaluation, key=_order)
+
+
+def duplicate_groups(items: Iterable[Item]) -> list[list[Item]]:
+    """Groups of two or more items with the same content hash (exact duplicates), in path order."""
+    by_hash: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        by_hash[item.sha256].append(item)
+    groups = [sorted(g, key=lambda it: it.path) for g in by_hash.values() if len(g) > 1]
+    return sorted(groups, key=lambda g: g[0].path)
+
+
+def duplicate_warnings(ds: Dataset, root: str | Path, limit: int = 5) -> list[str]:
+    """What :func:`split` did with exact duplicates, for the user to see (and fix with ``florist audit``)."""
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root)
+
+    groups = duplicate_groups(ds.items)
+    conflicts = [g for g in groups if len({it.label for it in g}) > 1]
+    same = [g for g in groups if len({it.label for it in g}) == 1]
+    messages = []
+    if same:
+        n_files = sum(len(g) for g in same)
+        messages.append(
+            f"{n_files} files are exact copies within their class ({len(same)} group(s), e.g. "
+            f"{' = '.join(rel(it.path) for it in same[0])}); each group is kept on one side of the split"
+        )
+    for g in conflicts[:limit]:
+        names = sorted({ds.classes[it.label] for it in g})
+        messages.append(
+            f"label conflict: the same image is in classes {', '.join(map(repr, names))} "
+            f"({', '.join(rel(it.path) for it in g)}); every copy goes to train, none to eval"
+        )
+    if len(conflicts) > limit:
+        messages.append(f"... and {len(conflicts) - limit} more label conflict(s); run `florist audit` for all")
+    return messages
 
 
 def _order(item: Item) -> tuple[int, str]:
@@ -524,15 +573,22 @@ def prepare(
 ) -> Prepared:
     """Scan, validate and split a photo folder; write the manifests when ``out_dir`` is given.
 
+    Either may be a URL (``gs://``, ``s3://``...: see :mod:`florist.remote`); the
+    manifests then name the remote files, while the returned items name their local copies.
+
     Example:
         >>> prepared = florist.prepare("flower_photos", "runs/flowers")  # doctest: +SKIP
         >>> prepared.classes
         ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
     """
-    ds = scan(data_dir, max_pixels=max_pixels, progress=progress)
-    prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
-    if out_dir is not None:
-        write_manifests(out_dir, prepared)
+    with remote.local_input(data_dir) as data:
+        ds = scan(data.path, max_pixels=max_pixels, progress=progress)
+        prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+        prepared.warnings.extend(duplicate_warnings(ds, data.path))
+        if out_dir is not None:
+            with remote.local_output(out_dir) as out:
+                write_manifests(out.path, prepared)
+                remote.relocate(out.path, data)
     return prepared
 
 

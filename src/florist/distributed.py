@@ -20,20 +20,25 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+try:
+    import torch
+    import torch.distributed as dist
+except ModuleNotFoundError:  # an ONNX-only install (no torch): always a single process
+    torch = None  # type: ignore[assignment]
+    dist = None  # type: ignore[assignment]
 
 from .errors import FloristError
 
 
 def world_size() -> int:
     """Number of processes in this run (1 without torchrun)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
     """This process's index (0 without torchrun)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
 def is_main() -> bool:
@@ -94,7 +99,7 @@ def init(device: torch.device) -> bool:
 
 def shutdown() -> None:
     """Leave the process group (safe to call when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -121,11 +126,24 @@ def gather_rows(rows: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _tensor_device() -> Any:
+    """Where collective tensors live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
+def sum_over_processes(value: int) -> int:
+    """The sum of ``value`` over every process (``value`` itself in a single process)."""
+    if world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.long, device=_tensor_device())
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def broadcast_flag(value: bool) -> bool:
     """Rank 0's ``value`` in every process (so all of them stop at the same epoch)."""
     if world_size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(value)], device=device)
+    flag = torch.tensor([int(value)], device=_tensor_device())
     dist.broadcast(flag, src=0)
     return bool(flag.item())

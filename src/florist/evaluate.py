@@ -7,12 +7,14 @@ end of training and by :func:`evaluate` on any folder of labelled photos.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from . import remote
 from .data import scan
 from .errors import FloristError
 from .progress import ProgressFn
@@ -70,28 +72,32 @@ def evaluate(
     """Evaluate a trained run on a folder of class folders (default: the run's own eval split).
 
     Every valid image whose class folder is one of the model's classes is used;
-    a class folder the model does not know is an error that names it.
+    a class folder the model does not know is an error that names it. Both folders
+    may be URLs (see :mod:`florist.remote`); the run's eval split may name remote
+    images (a run trained on remote data), which are then fetched.
 
     Returns:
         :func:`compute_metrics`'s dict plus ``"skipped"`` (path, reason) pairs.
     """
+    from .bundle import MODEL_JSON, MODEL_WEIGHTS
+    from .data import read_manifest
     from .predict import load
 
-    model = load(run_dir)
-    if data_dir is None:
-        from .data import read_manifest
-
-        items = read_manifest(Path(run_dir) / "eval.csv", model.classes)
-        skipped: list[tuple[str, str]] = []
-    else:
-        ds = scan(data_dir, classes=model.classes)
-        items = ds.items
-        skipped = [(s.path, s.reason) for s in ds.skipped]
+    with remote.local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS, "eval.csv"]) as run:
+        model = load(run.path)
+        if data_dir is None:
+            items = read_manifest(run.path / "eval.csv", model.classes)
+            paths = remote.localize([it.path for it in items])
+            skipped: list[tuple[str, str]] = []
+    if data_dir is not None:
+        with remote.local_input(data_dir) as data:
+            ds = scan(data.path, classes=model.classes)
+        paths = [it.path for it in ds.items]
+        items = [replace(it, path=data.to_url(it.path)) for it in ds.items]  # named as given
+        skipped = [(data.to_url(s.path), s.reason) for s in ds.skipped]
     if not items:
         raise FloristError(f"no valid images of the model's classes in {data_dir or run_dir}")
-    probs, errors = model.predict_proba(
-        [it.path for it in items], shas=[it.sha256 for it in items], cache=True, progress=progress
-    )
+    probs, errors = model.predict_proba(paths, shas=[it.sha256 for it in items], cache=True, progress=progress)
     skipped += [(items[i].path, reason) for i, reason in errors.items()]
     ok = [i for i in range(len(items)) if i not in errors]
     metrics = compute_metrics([items[i].label for i in ok], probs[ok], model.classes)

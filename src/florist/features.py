@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .data import BadImage, decode_image
+from .data import BadImage
 from .files import atomic_write_bytes, sha256_bytes
+from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
 from .tfrecord import read_image_bytes
 
@@ -46,7 +46,9 @@ ENV_CACHE = "FLORIST_CACHE"
 def default_cache_dir() -> Path:
     """``$FLORIST_CACHE`` if set, else the user cache folder (e.g. ``~/.cache/florist``)."""
     if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
+        from .remote import require_local
+
+        return require_local(os.environ[ENV_CACHE], f"the feature cache (${ENV_CACHE})")
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("florist"))
@@ -55,11 +57,6 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------
-
-
-def resize_size(data_config: dict[str, Any]) -> int:
-    """Shorter side an image is resized to before the centre crop (timm's rule)."""
-    return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
 
 
 #: Random-view augmentation: what the original project called "distortions".
@@ -171,12 +168,6 @@ def normalize_pixels(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch
     return x.sub(mean).div(std)
 
 
-def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
-    """Decode bytes the way every stage must: draft-decoded to no less than the resize size."""
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return decode_image(data, draft_size=resize_size(data_config), **kwargs)
-
-
 def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: str = "pooled") -> str:
     """Cache namespace for one backbone + weights + preprocessing + view (+ seed for random views).
 
@@ -262,13 +253,24 @@ def _digest(array: np.ndarray) -> str:
 class _ImageFiles(Dataset):
     """Reads, hashes and preprocesses files (or TFRecord records); a bad one yields its error instead of raising."""
 
-    def __init__(self, paths: Sequence[str], data_config: dict[str, Any], view: str = "clean", seed: int = 0):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        data_config: dict[str, Any],
+        view: str = "clean",
+        seed: int = 0,
+        *,
+        uint8: bool = False,
+    ):
+        """``uint8=True`` yields :func:`pixel_view`'s uint8 pixels for fixed views (see :func:`normalize_pixels`)."""
         self.paths = list(paths)
         self.data_config = data_config
         self.view = view
         self.seed = seed
-        self.transform = build_transform(data_config, view)
-        self.blank = torch.zeros(view_shape(data_config, view), dtype=torch.uint8 if view.endswith(PIXELS) else None)
+        transform_view = pixel_view(view) if uint8 else view
+        self.transform = build_transform(data_config, transform_view)
+        dtype = torch.uint8 if transform_view.endswith(PIXELS) else None
+        self.blank = torch.zeros(view_shape(data_config, view), dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -286,6 +288,17 @@ class _ImageFiles(Dataset):
                 return i, self.transform(image), sha, ""
         except BadImage as e:
             return i, self.blank, "", str(e) or "unreadable image"
+
+
+def pixel_view(view: str) -> str:
+    """The view the loader produces for ``view``: fixed views travel as uint8 (``clean/u8``).
+
+    Workers then send a quarter of the bytes through shared memory (prefetched batches
+    of 64 float images hold 38 MB each) and :func:`normalize_pixels` finishes them, bit
+    for bit as the float view would, next to the model. Random views stay float
+    (their colour jitter works on floats).
+    """
+    return view + PIXELS if view in ("clean", "flip") else view
 
 
 @dataclass
@@ -389,7 +402,7 @@ def extract_features(
     if todo:
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
-            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed),
+            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed, uint8=True),
             batch_size=batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
@@ -406,7 +419,10 @@ def extract_features(
                     good.append(j)
             ran += len(good)
             if good:
-                x = images[good].to(device).contiguous(memory_format=torch.channels_last)
+                x = images[good].to(device)
+                if pixel_view(view) != view:
+                    x = normalize_pixels(x, backbone.data_config)
+                x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone.bf16):
                     out = network(x).float().cpu().numpy().astype(dtype)
                 for row, j in zip(out, good):

@@ -106,21 +106,26 @@ def _view_params(image: int, step: int, seed: int, side: int) -> list[float]:
     return [left, top, left + w, top + h, flip, *factors]
 
 
-def augmented_batch(squares: np.ndarray, indices: Sequence[int], step: int, seed: int, size: int) -> torch.Tensor:
+def augmented_batch(
+    squares: np.ndarray, indices: Sequence[int], step: int, seed: int, size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Random views of ``squares[indices]`` as floats in [0, 255]: ``[B, 3, size, size]``.
 
     The same augmentation as the cached ``aug<k>`` views (random resized crop, flip,
     brightness/contrast/saturation jitter), done for the whole batch at once: one
     ``roi_align`` crops and resizes every image, and the jitter is a few batched
-    tensor operations. Per image, torchvision's transforms cost about as much CPU
-    time as a quarter of a training step.
+    tensor operations, on ``device`` (a GPU does it while the CPU prepares the next
+    batch). Per image, torchvision's transforms cost about as much CPU time as a
+    quarter of a training step.
     """
     from torchvision.ops import roi_align
 
     side = squares.shape[-1]
-    params = torch.tensor([_view_params(int(i), step, seed, side) for i in indices], dtype=torch.float32)
-    images = torch.from_numpy(squares[np.asarray(indices, dtype=np.int64)]).float()
-    boxes = torch.cat([torch.arange(len(indices), dtype=torch.float32)[:, None], params[:, :4]], dim=1)
+    rows = [_view_params(int(i), step, seed, side) for i in indices]
+    params = torch.tensor(rows, dtype=torch.float32, device=device)
+    images = torch.from_numpy(squares[np.asarray(indices, dtype=np.int64)]).to(device).float()
+    numbers = torch.arange(len(indices), dtype=torch.float32, device=device)[:, None]
+    boxes = torch.cat([numbers, params[:, :4]], dim=1)
     x = roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     flip, brightness, contrast, saturation = (params[:, k, None, None, None] for k in range(4, 8))
     x = torch.where(flip > 0, x.flip(-1), x)
@@ -287,7 +292,7 @@ def fit_finetune(
     step = [history.step[-1] if history.step else 0]
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        pixels = augmented_batch(squares, batch.tolist(), step[0], cfg.seed, size).to(device)
+        pixels = augmented_batch(squares, batch.tolist(), step[0], cfg.seed, size, device)
         step[0] += 1
         with torch.autocast(**autocast):
             return model(pixels).float().cpu()

@@ -121,8 +121,9 @@ def run_steps(
             losses.append(loss.item())
             correct += int((logits.argmax(1) == labels[batch]).sum())
             seen += len(batch)
-            if progress:
-                progress(step, total_steps)
+            if progress:  # the epoch's running loss and top-1, the last epoch's held-out top-1
+                last_eval = history.eval_top1[-1] if history.eval_top1 else float("nan")
+                progress(step, total_steps, loss=float(np.mean(losses)), top1=correct / seen, eval_top1=last_eval)
         eval_top1 = evaluate() if evaluate else float("nan")
         lr = optimizer.param_groups[-1]["lr"]
         history.add(step, float(np.mean(losses)), correct / max(1, seen), eval_top1, lr, writer)

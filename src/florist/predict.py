@@ -12,42 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone
-from .bundle import BACKBONE_PREFIX, Bundle, build_head, read_bundle
-from .data import iter_paths
+from .bundle import BACKBONE_PREFIX, Bundle, build_head
 from .errors import FloristError
 from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
 from .loop import average_probabilities
+from .prediction import Prediction, load, rank  # noqa: F401 (load, Prediction: this module's API)
 from .progress import ProgressFn
+from .remote import expand_inputs
 from .tune import state_id
-
-
-@dataclass
-class Prediction:
-    """Top-k classes for one image, best first; ``error`` is set instead when it could not be read."""
-
-    path: str
-    labels: list[str]
-    probabilities: list[float]
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error:
-            return {"path": self.path, "error": self.error}
-        return {
-            "path": self.path,
-            "label": self.labels[0],
-            "probability": self.probabilities[0],
-            "top_k": [{"label": c, "probability": p} for c, p in zip(self.labels, self.probabilities)],
-        }
 
 
 class Classifier:
@@ -134,28 +113,13 @@ class Classifier:
     def predict(
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
     ) -> list[Prediction]:
-        """Top-``k`` predictions for files, folders (recursive) or glob patterns.
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns, local or URLs.
 
         A file that is not a usable image gets a :class:`Prediction` with ``error`` set;
-        it never stops the others.
+        it never stops the others. Remote files are fetched first (see :mod:`florist.remote`);
+        predictions name them by URL.
         """
-        paths = [str(p) for p in iter_paths(inputs)]
+        pairs = expand_inputs(inputs)  # (name as given, local file)
+        names, paths = [name for name, _ in pairs], [path for _, path in pairs]
         probs, errors = self.predict_proba(paths, progress=progress)
-        k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for i, path in enumerate(paths):
-            if i in errors:
-                out.append(Prediction(path, [], [], errors[i]))
-                continue
-            order = np.argsort(-probs[i], kind="stable")[:k]
-            out.append(Prediction(path, [self.classes[j] for j in order], [float(probs[i, j]) for j in order]))
-        return out
-
-
-def load(run_dir: str | Path) -> Classifier:
-    """Load the trained classifier in ``run_dir`` (safetensors + JSON only, never pickle).
-
-    Raises:
-        FloristError: if the folder holds no finished, compatible model.
-    """
-    return Classifier.from_bundle(read_bundle(run_dir))
+        return rank(names, probs, errors, self.classes, top_k)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -37,13 +38,13 @@ def package_versions() -> dict[str, str | None]:
 
 def data_hash(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item]) -> str:
     """SHA-256 over (relative path, class, content hash) of every image used, in a fixed order."""
-    root = Path(data_dir).resolve()
+    root = Path(os.path.abspath(data_dir))
     if root.is_file():  # a TFRecord file: its records are named "<file>#<offset>"
         root = root.parent
     h = hashlib.sha256()
-    rows = sorted(
-        (str(Path(it.path).resolve().relative_to(root)), classes[it.label], it.sha256) for it in items
-    )
+    # Paths relative to the data folder as the user names them: symlinks are not
+    # followed, since a photo may link to a file stored anywhere else.
+    rows = sorted((os.path.relpath(os.path.abspath(it.path), root), classes[it.label], it.sha256) for it in items)
     for row in rows:
         h.update("\t".join(row).encode("utf-8", errors="surrogateescape") + b"\n")  # any file name
     return h.hexdigest()

@@ -43,6 +43,7 @@ from typing import BinaryIO
 import google_crc32c
 from PIL import Image
 
+from . import remote
 from .data import (
     DEFAULT_MAX_PIXELS,
     BadImage,
@@ -454,18 +455,21 @@ def prepare_tfrecords(
     """
     if shards < 1:
         raise FloristError(f"--shards must be >= 1, got {shards}")
-    prepared = prepare(
-        data_dir,
-        None,
-        eval_fraction=eval_fraction,
-        train_per_class=train_per_class,
-        seed=seed,
-        max_pixels=max_pixels,
-        progress=progress,
-    )
-    write_tfrecords(out_dir, prepared, data_dir, shards=shards, seed=seed)
-    write_labels(out_dir, prepared.classes)
-    write_skipped(out_dir, prepared.skipped)
+    # An earlier prepare's shards in a remote out_dir are replaced, as write_tfrecords does locally.
+    with remote.local_input(data_dir) as data, remote.local_output(out_dir, replaces=[f"*{SUFFIX}"]) as out:
+        prepared = prepare(
+            data.path,
+            None,
+            eval_fraction=eval_fraction,
+            train_per_class=train_per_class,
+            seed=seed,
+            max_pixels=max_pixels,
+            progress=progress,
+        )
+        write_tfrecords(out.path, prepared, data.path, shards=shards, seed=seed)
+        write_labels(out.path, prepared.classes)
+        write_skipped(out.path, prepared.skipped)
+        remote.relocate(out.path, data)
     return prepared
 
 

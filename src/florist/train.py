@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import remote
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .bundle import (
     BACKBONE_PREFIX,
@@ -70,7 +71,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01, "lr": None, "blocks": 1,
                  "backbone_lr": 1e-3},
     # views: finetune augments on the fly; its head warm start uses clean features only.
-    "finetune": {"epochs": 10, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
+    "finetune": {"epochs": 8, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
                  "blocks": None, "backbone_lr": 5e-4},
 }
 MODES = tuple(MODE_DEFAULTS)
@@ -103,7 +104,7 @@ class TrainConfig:
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 10).
+        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 8).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
         lr: learning rate of the head (default 0.005 for Adam, 0.01 for SGD; finetune 1e-3).
@@ -279,7 +280,7 @@ def fit_head(
         eval_x, eval_y: optional held-out features, one array per test-time view (their
             probabilities are averaged); only measured, never used to choose anything.
         writer: optional TensorBoard ``SummaryWriter``.
-        progress: optional ``progress(done, total)`` over steps.
+        progress: optional ``progress(done, total, **stats)`` over steps (see :func:`~florist.loop.run_steps`).
     """
     cfg = replace(cfg, mode="head").validate()  # unset settings take head-mode defaults
     torch.manual_seed(cfg.seed)
@@ -381,12 +382,14 @@ def train(
     Args:
         data_dir: ``<folder>/<class>/<images>``, or TFRecord data: a file or a folder of
             ``*.tfrecord`` files with ``labels.txt`` (see :func:`florist.tfrecord.prepare_records`).
+            ``data_dir`` and ``out_dir`` may be URLs (``gs://``, ``s3://``...: see :mod:`florist.remote`).
         out_dir: run folder; receives labels.txt, train/eval/skipped.csv, model.safetensors,
             model.json (written last), metrics.json, run.json (how to reproduce it) and
             TensorBoard logs under ``tb/``.
         config: hyperparameters; keyword ``overrides`` replace single fields
             (``florist.train("photos", "run", epochs=30)``).
-        cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder).
+        cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder); a local
+            folder, which also holds local copies of remote data.
         overwrite: replace a finished run in ``out_dir``.
         resume: finetune: continue from ``out_dir``'s checkpoint of an interrupted run with the
             same settings and data.
@@ -400,13 +403,25 @@ def train(
     """
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides}).validate()
     device = pick_device(cfg.device)
+    cache_root = remote.require_local(cache_dir, "the feature cache (--cache-dir)") if cache_dir else default_cache_dir()
+    if cfg.weights and remote.is_remote(cfg.weights):
+        raise FloristError(f"--weights must be a local file, got {cfg.weights}")
     joined = dist.init(device)
     try:
         started = time.perf_counter()
         backbones = _create_backbones(cfg)  # fail fast on a bad name, before touching out_dir
-        with _claim_out_dir(Path(out_dir), overwrite) if dist.is_main() else nullcontext():
-            dist.barrier()
-            return _train(data_dir, Path(out_dir), backbones, cfg, device, cache_dir, resume, verbose, started)
+        # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
+        # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
+        with (
+            remote.local_input(data_dir, siblings=["labels.txt"], root=cache_root) as data,
+            remote.local_output(out_dir, fetch=[MODEL_JSON, CHECKPOINT], root=cache_root) as out,
+        ):
+            with _claim_out_dir(out.path, overwrite) if dist.is_main() else nullcontext():
+                dist.barrier()
+                model = _train(data.path, out.path, backbones, cfg, device, cache_root, resume, verbose, started)
+            if dist.is_main():
+                remote.relocate(out.path, data)
+            return model
     finally:
         if joined:
             dist.shutdown()
@@ -501,6 +516,9 @@ def _train(
     (out / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume
     dist.barrier()
     model.bundle = bundle
+    from .report import finish_run
+
+    finish_run(out, fitted.eval_probs)  # eval_predictions.csv, TensorBoard images + hparams, report.html
     if verbose:
         top1 = metrics.get("top1")
         log.info(
@@ -558,12 +576,12 @@ def _extract_splits(
         common = {"cache_root": run.cache_root, "seed": seed, "part": part, **kwargs}
         if dist.world_size() > 1:
             share = [items[i] for i in dist.my_share(len(items))]
-            _extract_items(backbones, share, views[split_name], f"{what} ({split_name}", run.verbose, **common)
-            dist.barrier()
+            mine = _extract_items(backbones, share, views[split_name], f"{what} ({split_name}", run.verbose, **common)
+            computed += dist.sum_over_processes(sum(r.computed for r in mine.values()))  # includes a barrier
         results = _extract_items(
             backbones, items, views[split_name], f"{what} ({split_name}", run.verbose and dist.world_size() == 1, **common
         )
-        computed += sum(r.computed for r in results.values())
+        computed += sum(r.computed for r in results.values())  # 0 after the shared pass, unless a file changed
         kept[split_name], outputs[split_name], failed = _drop_failed(items, results)
         prepared.skipped.extend(failed)
     return kept, outputs, computed

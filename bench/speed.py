@@ -1,0 +1,456 @@
+"""Feature-extraction speed: florist's pipeline against the machine's limits and a naive baseline.
+
+Everything is measured in one run, on one machine, so the ratios compare like with like:
+
+(a) decode + resize alone (florist's dataset, no model): one core, and with the
+    DataLoader workers ``extract_features`` uses;
+(b) the model's forward pass alone on ready tensors (channels_last, inference mode),
+    fp32 and bf16, at the best of several batch sizes: the compute limit;
+(c) ``florist.features.extract_features`` with its default settings and the precision
+    ``florist train`` picks (``--precision auto``), into an empty feature cache;
+    the other precision is measured too;
+(d) the naive baseline: a DataLoader over PIL + torchvision transforms, fp32
+    forward, batch 64, 2 workers;
+
+then the ratios c/b and c/d, the wall time of ``florist train --mode head`` on the
+photos with an empty cache (cold) and again with the cache filled (warm), and the
+peak resident memory of extraction over the image list and over 4 copies of it
+(each in a fresh process, read from ``ru_maxrss``). Throughput figures are the
+median of ``--repeats`` timed runs after a warm-up.
+
+Writes ``bench/results/speed.json`` and refreshes the table in README.md between
+its ``speed-table`` markers.
+
+    python bench/speed.py                      # the full run (a quiet machine, please)
+    python bench/speed.py --quick              # a small subset, to check the script works
+    python bench/speed.py --table-only         # rebuild the README table from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import florist
+from florist.backbones import Backbone, create_backbone
+from florist.data import class_files, find_class_folders
+from florist.features import FeatureCache, _ImageFiles, default_workers, extract_features, feature_key
+from florist.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "flower_photos"
+OUT = ROOT / "bench" / "results" / "speed.json"
+BATCH_SIZES = (16, 32, 64, 128)
+#: The naive baseline's settings (the issue's measurement: batch 64, 2 workers).
+NAIVE_BATCH, NAIVE_WORKERS = 64, 2
+
+
+def list_images(data: Path, limit: int | None = None) -> list[Path]:
+    """The files of ``data/<class>/`` in florist's order, spread over the classes when limited."""
+    folders = find_class_folders(data)
+    paths = [path for _, path in class_files(data, folders, list(folders))]
+    if limit and limit < len(paths):
+        step = len(paths) / limit
+        paths = [paths[int(i * step)] for i in range(limit)]
+    return paths
+
+
+def timed_rate(run: Callable[[], int], repeats: int, warmup: bool = True) -> dict:
+    """Images/s of ``run`` (which returns how many images it processed): median of ``repeats``."""
+    if warmup:
+        run()
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - started))
+    return {"images_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates]}
+
+
+def backbone_for(precision: str) -> Backbone:
+    """The default backbone as ``florist train --precision PRECISION`` sets it up."""
+    backbone = create_backbone()
+    backbone.bf16 = TrainConfig(precision=precision).use_bf16
+    return backbone
+
+
+# ---------------------------------------------------------------------------
+# (a) decode + resize
+# ---------------------------------------------------------------------------
+
+
+def decode_rate(paths: Sequence[Path], backbone: Backbone, workers: int, repeats: int) -> dict:
+    """Images/s of florist's read + draft decode + resize + crop, without the model."""
+    dataset = _ImageFiles([str(p) for p in paths], backbone.data_config, uint8=True)
+
+    def run() -> int:
+        loader = DataLoader(dataset, batch_size=NAIVE_BATCH, num_workers=workers)
+        return sum(len(idx) for idx, *_ in loader)
+
+    return {"workers": workers, **timed_rate(run, repeats)}
+
+
+# ---------------------------------------------------------------------------
+# (b) the compute limit
+# ---------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def forward_rate(backbone: Backbone, bf16: bool, batch_size: int, batches: int, repeats: int) -> dict:
+    """Images/s of the forward pass alone on a ready, normalised channels_last batch."""
+    side = backbone.data_config["input_size"][-1]
+    x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
+
+    def run() -> int:
+        for _ in range(batches):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                backbone.model(x).float()
+        return batch_size * batches
+
+    return {"batch_size": batch_size, **timed_rate(run, repeats)}
+
+
+def compute_limit(
+    backbone: Backbone, bf16: bool, batch_sizes: Sequence[int], images: int, repeats: int
+) -> dict:
+    """:func:`forward_rate` at each batch size (about ``images`` per timed run); the best one."""
+    by_batch = [forward_rate(backbone, bf16, b, max(1, images // b), repeats) for b in batch_sizes]
+    best = max(by_batch, key=lambda r: r["images_per_s"])
+    return {"precision": "bf16" if bf16 else "fp32", **best, "by_batch_size": by_batch}
+
+
+# ---------------------------------------------------------------------------
+# (c) florist's extraction
+# ---------------------------------------------------------------------------
+
+
+def florist_rate(paths: Sequence[Path], backbone: Backbone, repeats: int, cache_root: Path) -> dict:
+    """Images/s of ``extract_features`` with its defaults, each run into a new, empty cache."""
+    key = feature_key(backbone)
+    counter = iter(range(1_000_000))
+    computed = []
+
+    def run() -> int:
+        cache = FeatureCache(cache_root / f"cold-{next(counter)}", key)
+        computed.append(extract_features(backbone, paths, cache=cache).computed)
+        return len(paths)
+
+    rate = timed_rate(run, repeats)
+    # Fewer than len(paths) only for byte-identical copies, served from the cache once their twin is in.
+    return {"precision": "bf16" if backbone.bf16 else "fp32", **rate, "network_images": computed[-1]}
+
+
+def feature_agreement(paths: Sequence[Path], a: Backbone, b: Backbone) -> dict:
+    """How close two precisions' features are: cosine similarity and relative L2 error per image."""
+    fa = extract_features(a, paths).features
+    fb = extract_features(b, paths).features
+    norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
+    cosine = (fa * fb).sum(axis=1) / np.maximum(norms, 1e-12)
+    rel = np.linalg.norm(fa - fb, axis=1) / np.maximum(np.linalg.norm(fb, axis=1), 1e-12)
+    return {
+        "images": len(paths),
+        "min_cosine": round(float(cosine.min()), 5),
+        "mean_relative_l2": round(float(rel.mean()), 5),
+        "max_relative_l2": round(float(rel.max()), 5),
+    }
+
+
+def cited_accuracy(path: Path = ROOT / "bench" / "results" / "accuracy.json") -> dict:
+    """Head-mode top-1 with bf16 and with fp32 features, from bench/accuracy.py's last run."""
+    if not path.exists():
+        return {}
+    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
+    names = {"bf16": "head", "fp32": "head (fp32 features)"}
+    return {
+        precision: {"top1": rows[name]["top1"], "n_eval": rows[name]["n_eval"], "measured": rows[name]["measured"]}
+        for precision, name in names.items()
+        if name in rows
+    }
+
+
+# ---------------------------------------------------------------------------
+# (d) the naive baseline
+# ---------------------------------------------------------------------------
+
+
+class _NaiveImages(Dataset):
+    """What a plain PyTorch script does: PIL open + convert, torchvision's eval transform."""
+
+    def __init__(self, paths: Sequence[Path], data_config: dict):
+        from torchvision import transforms as T
+
+        side = data_config["input_size"][-1]
+        self.paths = list(paths)
+        self.transform = T.Compose(
+            [
+                T.Resize(int(side / data_config["crop_pct"]), interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(side),
+                T.ToTensor(),
+                T.Normalize(data_config["mean"], data_config["std"]),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def naive_rate(
+    paths: Sequence[Path], repeats: int, backbone: Backbone | None = None, workers: int = NAIVE_WORKERS
+) -> dict:
+    """Images/s of the naive pipeline: plain timm model, fp32, no channels_last, ``no_grad``."""
+    backbone = backbone or create_backbone()
+    model = copy.deepcopy(backbone.model).to(memory_format=torch.contiguous_format)
+    loader = DataLoader(_NaiveImages(paths, backbone.data_config), batch_size=NAIVE_BATCH, num_workers=workers)
+
+    def run() -> int:
+        n = 0
+        with torch.no_grad():
+            for x in loader:
+                model(x)
+                n += len(x)
+        return n
+
+    return {"batch_size": NAIVE_BATCH, "workers": workers, **timed_rate(run, repeats)}
+
+
+# ---------------------------------------------------------------------------
+# end to end and memory
+# ---------------------------------------------------------------------------
+
+
+def train_wall_times(data: Path, work: Path, warm_repeats: int = 3) -> dict:
+    """Wall seconds of ``florist train DATA --mode head`` as a user runs it, cold then warm."""
+    env = {**os.environ, "FLORIST_CACHE": str(work / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "florist", "train", str(data), "--out", str(work / "run")]
+    command += ["--mode", "head", "--overwrite", "--quiet"]
+
+    def once() -> float:
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    cold = once()
+    warm = [once() for _ in range(warm_repeats)]
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    return {
+        "cold_s": round(cold, 2),
+        "warm_s": round(statistics.median(warm), 2),
+        "warm_runs_s": [round(w, 2) for w in warm],
+        "top1": metrics["top1"],
+        "n_images": metrics["n_train"] + metrics["n_eval"],
+    }
+
+
+def peak_rss_child(paths: Sequence[Path]) -> dict:
+    """Extract features for ``paths`` (no cache: every copy goes through the network); peak RSS in MiB.
+
+    ``ru_maxrss`` is in KiB on Linux; the DataLoader workers are children of this process.
+    """
+    extract_features(backbone_for("auto"), paths)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"images": len(paths), "main_mib": round(own, 1), "worker_mib": round(workers, 1)}
+
+
+def peak_rss(data: Path, limit: int | None, copies: int) -> dict:
+    """:func:`peak_rss_child` in a fresh process for the image list repeated ``copies`` times."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(copies), "--data", str(data)]
+    if limit:
+        command += ["--images", str(limit)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return {"copies": copies, **json.loads(out.strip().splitlines()[-1])}
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def summarise(r: dict) -> dict:
+    """The ratios the issue asks for: c/b (vs the better precision's limit) and c/d."""
+    limit = max(r["compute_limit"].values(), key=lambda x: x["images_per_s"])
+    c = r["florist"]["default"]["images_per_s"]
+    return {
+        "c_images_per_s": c,
+        "b_best_images_per_s": limit["images_per_s"],
+        "b_best_precision": limit["precision"],
+        "c_over_b": round(c / limit["images_per_s"], 3),
+        "c_over_d": round(c / r["naive"]["images_per_s"], 2),
+    }
+
+
+def table(report: dict) -> str:
+    """Markdown table for the README."""
+    r, s = report["results"], report["summary"]
+    a, b, c = r["decode"], r["compute_limit"], r["florist"]
+    rows = [
+        ("(a) decode + resize, 1 core", f"{a['one_core']['images_per_s']:.0f} images/s"),
+        (f"(a) decode + resize, {a['pipeline']['workers']} workers", f"{a['pipeline']['images_per_s']:.0f} images/s"),
+        (
+            f"(b) forward only, fp32 (batch {b['fp32']['batch_size']})",
+            f"{b['fp32']['images_per_s']:.0f} images/s",
+        ),
+        (
+            f"(b) forward only, bf16 (batch {b['bf16']['batch_size']})",
+            f"{b['bf16']['images_per_s']:.0f} images/s",
+        ),
+        (
+            f"**(c) florist extraction, default ({c['default']['precision']})**",
+            f"**{c['default']['images_per_s']:.0f} images/s**",
+        ),
+        (f"(c) florist extraction, {c['other']['precision']}", f"{c['other']['images_per_s']:.0f} images/s"),
+        ("(d) naive DataLoader + PIL + torchvision, fp32", f"{r['naive']['images_per_s']:.0f} images/s"),
+        (f"c / b (vs the {s['b_best_precision']} limit)", f"{s['c_over_b']:.0%}"),
+        ("c / d", f"{s['c_over_d']:.2f}x"),
+    ]
+    if "train_head" in r:
+        t = r["train_head"]
+        rows += [
+            (f"`florist train --mode head`, cold ({t['n_images']} photos)", f"{t['cold_s']:.0f} s"),
+            ("`florist train --mode head`, warm (features cached)", f"{t['warm_s']:.1f} s"),
+        ]
+    for m in r.get("peak_rss", []):
+        rows.append(
+            (
+                f"peak RSS, extraction of {m['images']} images",
+                f"{m['main_mib']:.0f} MiB (+ workers {m['worker_mib']:.0f} MiB)",
+            )
+        )
+    if "bf16_vs_fp32_features" in r:
+        f = r["bf16_vs_fp32_features"]
+        rows.append(("bf16 vs fp32 features: mean relative L2 error", f"{f['mean_relative_l2']:.2%}"))
+    for precision, cited in report.get("head_top1_from_accuracy_bench", {}).items():
+        rows.append((f"head-mode top-1 with {precision} features (bench/accuracy.py)", f"{cited['top1']:.2%}"))
+    lines = ["| measurement | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def update_readme(text: str, readme: Path) -> None:
+    start, end = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
+    content = readme.read_text()
+    if start not in content:
+        return
+    before, rest = content.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+
+
+def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
+    """Run every measurement in turn; progress lines go to stderr."""
+
+    def log(what: str, value: object) -> None:
+        print(f"{what}: {json.dumps(value)}", file=sys.stderr, flush=True)
+
+    results: dict = {}
+    default = backbone_for("auto")
+    other = backbone_for("fp32" if default.bf16 else "bf16")
+    workers = default_workers(len(paths))
+    results["decode"] = {
+        "one_core": decode_rate(paths, default, 0, args.repeats),
+        "pipeline": decode_rate(paths, default, workers, args.repeats),
+    }
+    log("decode", results["decode"])
+    results["compute_limit"] = {
+        name: compute_limit(default, bf16, args.batch_sizes, args.forward_images, args.repeats)
+        for name, bf16 in (("fp32", False), ("bf16", True))
+    }
+    log("compute limit", results["compute_limit"])
+    results["florist"] = {
+        "default": florist_rate(paths, default, args.repeats, work),
+        "other": florist_rate(paths, other, args.repeats, work),
+    }
+    log("florist", results["florist"])
+    results["bf16_vs_fp32_features"] = feature_agreement(paths[: args.agreement_images], default, other)
+    log("bf16 vs fp32 features", results["bf16_vs_fp32_features"])
+    results["naive"] = naive_rate(paths, args.repeats, default)
+    log("naive", results["naive"])
+    if not args.skip_train:
+        results["train_head"] = train_wall_times(args.data, work / "train")
+        log("train", results["train_head"])
+    if not args.skip_rss:
+        results["peak_rss"] = [peak_rss(args.data, args.images, k) for k in (1, 4)]
+        log("peak RSS", results["peak_rss"])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--images", type=int, default=None, help="use only this many photos (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is kept)")
+    parser.add_argument("--forward-images", type=int, default=256, help="images per timed forward-only run")
+    parser.add_argument("--agreement-images", type=int, default=128, help="photos to compare bf16/fp32 features on")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCH_SIZES))
+    parser.add_argument("--quick", action="store_true", help="96 photos, 1 repeat, no train/RSS; not for results")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table-only", action="store_true", help="rebuild the README table from --out")
+    parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        print(json.dumps(peak_rss_child(list_images(args.data, args.images) * args.rss_child)))
+        return
+    if args.table_only:
+        update_readme(table(json.loads(args.out.read_text())), ROOT / "README.md")
+        return
+    if not args.data.is_dir():
+        raise SystemExit(f"data not found: {args.data}")
+    if args.quick:
+        args.images, args.repeats, args.forward_images = args.images or 96, 1, 64
+        args.batch_sizes, args.skip_train, args.skip_rss = [16, 32], True, True
+        args.agreement_images = 16
+    paths = list_images(args.data, args.images)
+    with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
+        results = measure(args, paths, Path(tmp))
+    report = {
+        "protocol": "images/s are medians of timed runs after a warm-up; florist extraction into an empty cache; "
+        "train wall times include process start-up; peak RSS from ru_maxrss in a fresh process",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "data": str(args.data),
+        "images": len(paths),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "native_bf16": TrainConfig().use_bf16,
+        },
+        "torch": torch.__version__,
+        "florist_version": florist.__version__,
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "results": results,
+        "summary": summarise(results),
+        "head_top1_from_accuracy_bench": cited_accuracy(),
+    }
+    print(table(report))
+    if args.quick:
+        return  # a smoke run: keep the committed results
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.out.resolve() == OUT:  # the README shows the committed results only
+        update_readme(table(report), ROOT / "README.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Stage 7, *export*: a run folder -> one model file (ONNX or TorchScript) that needs no florist.
+
+The exported graph computes what :meth:`florist.predict.Classifier.predict_proba`
+computes, from preprocessed pixels: every backbone (tuned tensors included), the
+concatenated features, the head, the softmax and the average over the test-time
+views. It has one input per backbone and view (``pixels``, ``pixels_flip``, see
+:func:`florist.preprocess.model_inputs`) with a dynamic batch axis, and one output,
+``probabilities``. Class names, inputs and their preprocessing travel in the
+file's metadata (ONNX ``metadata_props["florist"]``; TorchScript extra file
+``florist.json``).
+
+After writing, the export is checked on real images from the run's manifests:
+the exported file and the PyTorch graph get the same preprocessed arrays, and
+the largest difference between their probabilities is reported (and must stay
+under :data:`PARITY_TOLERANCE` for fp32). ``quantize=True`` adds ONNX Runtime's
+dynamic int8 quantization and reports its top-1 change on the run's eval split.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import read_bundle
+from .data import BadImage, Item, read_file, read_manifest
+from .errors import FloristError
+from .files import atomic_write_bytes
+from .predict import Classifier
+from .prediction import is_onnx
+from .preprocess import ModelInput, image_arrays, model_inputs
+from .progress import ProgressFn
+from .runtime import EXPORT_FORMAT, METADATA_KEY, OUTPUT_NAME, ArrayClassifier, OnnxClassifier
+
+log = logging.getLogger("florist")
+
+FORMATS = ("onnx", "torchscript")
+#: ONNX opset of exported graphs.
+OPSET = 17
+#: Largest allowed difference between exported (fp32) and PyTorch probabilities.
+PARITY_TOLERANCE = 1e-4
+#: Name of the metadata file inside a TorchScript archive.
+TORCHSCRIPT_METADATA = "florist.json"
+
+
+class ExportGraph(nn.Module):
+    """Backbones + head + test-time average as one module: pixels in, probabilities out.
+
+    ``forward`` takes one ``[N, 3, H, W]`` tensor per :class:`~florist.preprocess.ModelInput`,
+    in :attr:`inputs` order (backbone by backbone, views in order). The views of one
+    backbone go through it as one batch; the probabilities of each view are averaged.
+
+    Attributes:
+        bf16: run the backbones under bfloat16 autocast (as a run trained with
+            ``--precision bf16`` computes its features); always off for export.
+    """
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.nets = nn.ModuleList([b.model for b in classifier.backbones])
+        self.head = classifier.head
+        self.views = list(classifier.tta_views)
+        self.inputs = model_inputs([b.data_config for b in classifier.backbones], self.views)
+        self.bf16 = False
+        self.eval()
+
+    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+        n_views = len(self.views)
+        features = []
+        for b, net in enumerate(self.nets):
+            views = pixels[b * n_views : (b + 1) * n_views]
+            x = torch.cat(views) if n_views > 1 else views[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                features.append(net(x).float())
+        merged = torch.cat(features, dim=1) if len(features) > 1 else features[0]
+        probs = self.head(merged).float().softmax(dim=1)
+        return probs.reshape(n_views, -1, probs.shape[1]).mean(dim=0)
+
+
+class TorchGraphClassifier(ArrayClassifier):
+    """The PyTorch back end of ``florist serve``: a run folder's :class:`ExportGraph`, run with torch.
+
+    It takes the same preprocessed arrays as the exported file, so the two back ends
+    differ only in the engine. Features are computed in bf16 when the run's were.
+    """
+
+    backend = "pytorch"
+
+    def __init__(self, classifier: Classifier):
+        self.graph = ExportGraph(classifier)
+        self.graph.bf16 = any(b.bf16 for b in classifier.backbones)
+        self.classes = list(classifier.classes)
+        self.inputs = self.graph.inputs
+        self.tta_views = self.graph.views
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "TorchGraphClassifier":
+        return cls(load_run(run_dir))
+
+    @torch.inference_mode()
+    def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = [
+            torch.from_numpy(batch[s.name]).contiguous(memory_format=torch.channels_last) for s in self.inputs
+        ]
+        return self.graph(*tensors).numpy()
+
+
+def load_run(run_dir: str | Path) -> Classifier:
+    """The PyTorch classifier of a run folder (an ``.onnx`` file is refused with a clear message)."""
+    if is_onnx(run_dir):
+        raise FloristError(f"{run_dir} is already an exported model; export reads a run folder")
+    return Classifier.from_bundle(read_bundle(run_dir))
+
+
+def export_metadata(classifier: Classifier, inputs: Sequence[ModelInput], precision: str) -> dict[str, Any]:
+    """The ``florist`` metadata stored in an exported file: all a runtime needs besides the graph."""
+    from . import __version__
+
+    return {
+        "format": EXPORT_FORMAT,
+        "florist_version": __version__,
+        "classes": list(classifier.classes),
+        "inputs": [s.to_dict() for s in inputs],
+        "output": OUTPUT_NAME,
+        "tta_views": list(classifier.tta_views),
+        "backbones": [b.spec.to_dict() for b in classifier.backbones],
+        "head": classifier.bundle.head if classifier.bundle else None,
+        "precision": precision,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Check images
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class CheckBatch:
+    """Preprocessed images the export is checked on, and where they came from."""
+
+    arrays: dict[str, np.ndarray]  # input name -> [N, 3, H, W]
+    source: str  # "eval.csv", "train.csv" or "synthetic"
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def tensors(self, inputs: Sequence[ModelInput]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(self.arrays[s.name]) for s in inputs)
+
+
+def _manifest_items(run: Path, classes: Sequence[str], name: str) -> list[Item]:
+    path = run / name
+    return read_manifest(path, classes) if path.is_file() else []
+
+
+def check_batch(run: Path, classes: Sequence[str], inputs: Sequence[ModelInput], n: int) -> CheckBatch:
+    """Up to ``n`` real images spread over the run's eval (else train) manifest, preprocessed.
+
+    Falls back to two synthetic images (noise with a gradient) when no listed file
+    can be read any more, so an export never depends on the photos still being there.
+    """
+    for name in ("eval.csv", "train.csv"):
+        items = _manifest_items(run, classes, name)
+        stride = max(1, len(items) // max(1, n))
+        images = []
+        for item in items[::stride]:
+            try:
+                images.append(image_arrays(read_file(item.path), inputs))
+            except BadImage:
+                continue
+            if len(images) == n:
+                break
+        if images:
+            return CheckBatch({s.name: np.stack([im[s.name] for im in images]) for s in inputs}, name)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s in inputs:
+        shape = (2, *s.data_config["input_size"])
+        arrays[s.name] = (rng.normal(0, 0.5, shape) + np.linspace(-1, 1, shape[-1])).astype(np.float32)
+    return CheckBatch(arrays, "synthetic")
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What ``florist export`` did and measured.
+
+    Attributes:
+        max_abs_diff: largest |exported - PyTorch| probability on the check images.
+        quantized: for ``quantize=True``: top-1 of the fp32 and int8 files on the run's
+            eval split, their agreement, the image count, and the int8 file's max_abs_diff.
+    """
+
+    path: Path
+    format: str
+    size_bytes: int
+    check_images: int
+    check_source: str
+    max_abs_diff: float
+    quantized: dict[str, Any] | None = None
+    inputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "path": str(self.path)}
+
+    def summary(self) -> list[str]:
+        """What ``florist export`` prints: the file, the parity check and the int8 evaluation."""
+        lines = [
+            f"wrote {self.path} ({self.format}, {self.size_bytes / 1e6:.1f} MB, inputs {', '.join(self.inputs)})"
+        ]
+        where = f"on {self.check_images} images from {self.check_source}"
+        q = self.quantized
+        if not q:
+            return [*lines, f"parity: max |exported - PyTorch| probability {self.max_abs_diff:.2e} {where}"]
+        lines += [
+            f"parity: max |fp32 export - PyTorch| probability {q['fp32_max_abs_diff']:.2e} {where}",
+            f"int8: max |int8 export - PyTorch| probability {self.max_abs_diff:.2e}",
+        ]
+        if not q.get("n"):
+            return [*lines, f"int8: top-1 not measured ({q.get('note')})"]
+        return [
+            *lines,
+            f"int8: top-1 {q['top1_int8']:.2%} vs fp32 {q['top1_fp32']:.2%} ({q['top1_change'] * 100:+.2f} points), "
+            f"same top class on {q['agreement']:.1%} of {q['n']} eval images",
+        ]
+
+
+def _onnx_bytes(graph: ExportGraph, example: tuple[torch.Tensor, ...], metadata: dict[str, Any]) -> bytes:
+    """Trace ``graph`` to ONNX (dynamic batch axis) and attach ``metadata``."""
+    import onnx
+
+    names = [s.name for s in graph.inputs]
+    buffer = io.BytesIO()
+    # The TorchScript-based exporter: deprecated upstream but shipped by every torch florist supports,
+    # it needs no extra package (dynamo=True needs onnxscript) and exports EfficientNet-Lite 6x faster
+    # here, with the same parity. Torch before 2.5 has no `dynamo` argument and uses it anyway.
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            graph,
+            example,
+            buffer,
+            **legacy,
+            opset_version=OPSET,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={name: {0: "batch"} for name in [*names, OUTPUT_NAME]},
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    return _with_metadata(model, metadata)
+
+
+def _with_metadata(model: Any, metadata: dict[str, Any]) -> bytes:
+    """``model`` (an ``onnx.ModelProto``) with the florist metadata set, checked and serialised."""
+    import onnx
+
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, ensure_ascii=False))
+    model.doc_string = (
+        f"florist image classifier: {len(metadata['classes'])} classes; inputs "
+        + ", ".join(d["name"] for d in metadata["inputs"])
+        + f" -> {OUTPUT_NAME}; preprocessing and labels in metadata_props['{METADATA_KEY}']"
+    )
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _session_probabilities(data: bytes, batch: CheckBatch) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], batch.arrays)[0]
+
+
+def _quantize(fp32: bytes, metadata: dict[str, Any]) -> bytes:
+    """ONNX Runtime dynamic int8 quantization (weights int8, activations quantized on the fly)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a warning per shape tensor it leaves alone
+    try:
+        with tempfile.TemporaryDirectory(prefix="florist-quantize-") as tmp:
+            src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+            src.write_bytes(fp32)
+            quant_pre_process(str(src), str(pre))
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+            model = onnx.load(str(dst))
+    finally:
+        root.setLevel(level)
+    return _with_metadata(model, {**metadata, "precision": "int8"})
+
+
+def _top1(path: Path, items: Sequence[Item], progress: ProgressFn | None) -> np.ndarray:
+    """Predicted class of each item (-1 for unreadable files) by the ONNX file at ``path``."""
+    probs, errors = OnnxClassifier(path).predict_proba([it.path for it in items], progress=progress)
+    predicted = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+    predicted[list(errors)] = -1
+    return predicted
+
+
+def compare_quantized(
+    fp32: bytes,
+    int8: bytes,
+    run: Path,
+    classes: Sequence[str],
+    limit: int | None,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """Top-1 of the fp32 and int8 models on the run's eval split (first ``limit`` images spread over it)."""
+    items = _manifest_items(run, classes, "eval.csv")
+    if limit and len(items) > limit:
+        items = items[:: len(items) // limit][:limit]
+    if not items:
+        return {"n": 0, "note": "the run has no eval split"}
+    with tempfile.TemporaryDirectory(prefix="florist-compare-") as tmp:
+        paths = [Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")]
+        for p, data in zip(paths, (fp32, int8)):
+            p.write_bytes(data)
+        a, b = (_top1(p, items, progress) for p in paths)
+    truth = np.array([it.label for it in items])
+    ok = (a >= 0) & (b >= 0)
+    if not ok.any():
+        return {"n": 0, "note": "no eval image could be read"}
+    top1_fp32 = float(np.mean(a[ok] == truth[ok]))
+    top1_int8 = float(np.mean(b[ok] == truth[ok]))
+    return {
+        "n": int(ok.sum()),
+        "top1_fp32": top1_fp32,
+        "top1_int8": top1_int8,
+        "top1_change": top1_int8 - top1_fp32,
+        "agreement": float(np.mean(a[ok] == b[ok])),
+    }
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    quantize: bool = False,
+    check_images: int = 16,
+    eval_limit: int | None = None,
+    progress: ProgressFn | None = None,
+) -> ExportReport:
+    """Export a run's classifier to one file and check it against PyTorch.
+
+    Args:
+        run_dir: a finished run folder (head or tune-top, one or several backbones).
+        out: the file to write (atomically; replaced if it exists).
+        format: ``onnx`` or ``torchscript``.
+        quantize: ONNX only: dynamic int8 quantization of the weights.
+        check_images: how many real images (from the run's manifests) the parity check uses.
+        eval_limit: with ``quantize``, evaluate fp32 vs int8 on at most this many eval images.
+        progress: ``progress(done, total)`` while the quantized model is evaluated.
+
+    Raises:
+        FloristError: not a run folder, unsupported option or preprocessing, or an fp32
+            export whose probabilities differ from PyTorch's by more than :data:`PARITY_TOLERANCE`.
+    """
+    if format not in FORMATS:
+        raise FloristError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if quantize and format != "onnx":
+        raise FloristError("--quantize needs --format onnx (ONNX Runtime int8 quantization)")
+    if check_images < 1:
+        raise FloristError(f"--check-images must be >= 1, got {check_images}")
+    run, out = Path(run_dir), Path(out)
+    classifier = load_run(run)
+    graph = ExportGraph(classifier)
+    batch = check_batch(run, classifier.classes, graph.inputs, check_images)
+    with torch.inference_mode():
+        reference = graph(*batch.tensors(graph.inputs)).numpy()
+    metadata = export_metadata(classifier, graph.inputs, "fp32")
+    quantized = None
+    if format == "onnx":
+        data = _onnx_bytes(graph, batch.tensors(graph.inputs), metadata)
+        diff = float(np.abs(_session_probabilities(data, batch) - reference).max())
+        _check_parity(diff)
+        if quantize:
+            fp32 = data
+            data = _quantize(fp32, metadata)
+            quantized = compare_quantized(fp32, data, run, classifier.classes, eval_limit, progress)
+            quantized["fp32_max_abs_diff"] = diff
+            diff = float(np.abs(_session_probabilities(data, batch) - reference).max())
+    else:
+        data, diff = _torchscript_bytes(graph, batch, reference, metadata)
+        _check_parity(diff)
+    atomic_write_bytes(out, data)
+    return ExportReport(
+        out, format, len(data), len(batch), batch.source, diff, quantized, [s.name for s in graph.inputs]
+    )
+
+
+def _check_parity(diff: float) -> None:
+    if not diff <= PARITY_TOLERANCE:
+        raise FloristError(
+            f"exported model disagrees with PyTorch (max probability difference {diff:.2e} > "
+            f"{PARITY_TOLERANCE:.0e}); nothing was written"
+        )
+
+
+def _torchscript_bytes(
+    graph: ExportGraph, batch: CheckBatch, reference: np.ndarray, metadata: dict[str, Any]
+) -> tuple[bytes, float]:
+    """Trace ``graph`` with TorchScript, save it with the metadata, and measure its difference."""
+    example = batch.tensors(graph.inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still shipped
+        traced = torch.jit.trace(graph, example, check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(
+            traced, buffer, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata, ensure_ascii=False)}
+        )
+    data = buffer.getvalue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with torch.inference_mode():
+        diff = float(np.abs(loaded(*example).numpy() - reference).max())
+    return data, diff
+
+
+def read_torchscript_metadata(path: str | Path) -> dict[str, Any]:
+    """The florist metadata of an exported TorchScript file."""
+    files = {TORCHSCRIPT_METADATA: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[TORCHSCRIPT_METADATA])

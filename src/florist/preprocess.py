@@ -1,0 +1,167 @@
+"""Preprocessing without torch: image bytes -> the normalised arrays a backbone takes.
+
+Training computes features through timm's evaluation transform (torchvision, see
+:func:`florist.features.build_transform`). An exported model must see the same
+numbers on a machine where torch is not installed, so this module performs the
+same steps with Pillow and numpy alone: decode with :func:`florist.data.decode_image`
+(EXIF rotation, alpha, pixel-count guard, JPEG draft decoding), mirror for the
+``flip`` view, resize with the same Pillow filter, centre crop, scale to [0, 1]
+and normalise. ``tests/test_preprocess.py`` checks the arrays equal the torch
+transform's.
+
+An exported model has one input per backbone and test-time view (see
+:func:`model_inputs`); :func:`image_arrays` fills all of them for one image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .data import DEFAULT_MAX_PIXELS, decode_image
+from .errors import FloristError
+
+#: Views an exported model can take: the centre crop and the centre crop of the mirrored image.
+VIEWS = ("clean", "flip")
+
+
+def resize_size(data_config: dict[str, Any]) -> int:
+    """Shorter side an image is resized to before the centre crop (timm's rule)."""
+    return int(np.floor(data_config["input_size"][-1] / data_config["crop_pct"]))
+
+
+def load_for_backbone(data: bytes, data_config: dict[str, Any], max_pixels: int | None = None) -> Image.Image:
+    """Decode bytes the way every stage must: draft-decoded to no less than the resize size."""
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    return decode_image(data, draft_size=resize_size(data_config), **kwargs)
+
+
+def _resample(name: str) -> Image.Resampling:
+    try:
+        return Image.Resampling[name.upper()]
+    except KeyError:
+        raise FloristError(f"unknown interpolation {name!r} in the model's preprocessing") from None
+
+
+def _resized(image: Image.Image, data_config: dict[str, Any]) -> Image.Image:
+    """Resize as timm's eval transform does (torchvision ``Resize`` on a PIL image)."""
+    height, width = data_config["input_size"][-2:]
+    crop_pct = data_config["crop_pct"]
+    mode = data_config.get("crop_mode", "center") or "center"
+    if mode == "squash":
+        size = (int(np.floor(width / crop_pct)), int(np.floor(height / crop_pct)))
+    elif mode == "center" and height == width:
+        short = resize_size(data_config)
+        w, h = image.size
+        # torchvision: the shorter side becomes `short`, the longer one int(short * long / short_side).
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    else:
+        raise FloristError(
+            f"preprocessing with crop_mode={mode!r} and input size {height}x{width} is not supported "
+            "outside torch (centre crop of a square input or 'squash' are)"
+        )
+    if image.size == size:  # torchvision returns the image untouched
+        return image
+    return image.resize(size, _resample(data_config["interpolation"]))
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision's ``CenterCrop``: zero padding first when the image is smaller than the crop."""
+    w, h = image.size
+    if w < width or h < height:
+        left, top = max(0, (width - w) // 2), max(0, (height - h) // 2)
+        padded = Image.new(image.mode, (max(w, width), max(h, height)), 0)
+        padded.paste(image, (left, top))
+        image, (w, h) = padded, padded.size
+    top = int(round((h - height) / 2.0))
+    left = int(round((w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_array(image: Image.Image, data_config: dict[str, Any], view: str = "clean") -> np.ndarray:
+    """One RGB image -> ``[3, H, W]`` float32, normalised as the backbone expects.
+
+    Args:
+        view: ``clean`` (centre crop) or ``flip`` (the mirrored image, then the centre crop,
+            as :func:`florist.features.build_transform` computes it).
+    """
+    if view not in VIEWS:
+        raise FloristError(f"unknown view {view!r}: exported models take {', '.join(VIEWS)}")
+    if view == "flip":
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    height, width = data_config["input_size"][-2:]
+    crop = _center_crop(_resized(image, data_config), height, width)
+    pixels = np.asarray(crop, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    mean = np.asarray(data_config["mean"], dtype=np.float32)
+    std = np.asarray(data_config["std"], dtype=np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input of an exported model: a batch ``[N, 3, H, W]`` of one view for one backbone."""
+
+    name: str
+    backbone: int  # index into the model's backbones (features are concatenated in this order)
+    view: str  # "clean" or "flip"
+    data_config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backbone": self.backbone,
+            "view": self.view,
+            "preprocessing": self.data_config,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelInput":
+        return cls(d["name"], int(d["backbone"]), d["view"], d["preprocessing"])
+
+
+def model_inputs(data_configs: Sequence[dict[str, Any]], views: Sequence[str]) -> list[ModelInput]:
+    """The inputs of a model with these backbones (their preprocessing) and test-time views.
+
+    Names: ``pixels`` (clean view) and ``pixels_flip`` for one backbone; with several,
+    the backbone's index is appended (``pixels_0``, ``pixels_flip_0``, ``pixels_1``...).
+    Order: backbone by backbone, views in the given order.
+    """
+    for view in views:
+        if view not in VIEWS:
+            raise FloristError(f"test-time view {view!r} cannot be exported (supported: {', '.join(VIEWS)})")
+    several = len(data_configs) > 1
+    return [
+        ModelInput(
+            ("pixels" if view == "clean" else f"pixels_{view}") + (f"_{b}" if several else ""),
+            b,
+            view,
+            dict(config),
+        )
+        for b, config in enumerate(data_configs)
+        for view in views
+    ]
+
+
+def image_arrays(
+    data: bytes, inputs: Sequence[ModelInput], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, np.ndarray]:
+    """Decode one image's bytes and preprocess it for every input: name -> ``[3, H, W]``.
+
+    The image is decoded once per backbone preprocessing (the JPEG draft size
+    depends on it), exactly as feature extraction decodes it.
+
+    Raises:
+        florist.data.BadImage: not a usable image (reason in the message).
+    """
+    decoded: dict[int, Image.Image] = {}
+    arrays = {}
+    for spec in inputs:
+        draft = resize_size(spec.data_config)
+        if draft not in decoded:
+            decoded[draft] = load_for_backbone(data, spec.data_config, max_pixels)
+        arrays[spec.name] = to_array(decoded[draft], spec.data_config, spec.view)
+    return arrays

@@ -1,0 +1,198 @@
+"""Prediction from preprocessed arrays, and the ONNX Runtime back end (no torch needed).
+
+An exported model (see :mod:`florist.export`) is one graph: every backbone, the
+head and the test-time average, from preprocessed pixels to probabilities. Its
+metadata holds everything else (classes, inputs with their preprocessing), so
+``OnnxClassifier("model.onnx")`` needs nothing but the file, Pillow, numpy and
+onnxruntime.
+
+:class:`ArrayClassifier` is what both serving back ends share: bytes or files ->
+:func:`florist.preprocess.image_arrays` -> a batched ``probabilities`` call -> ranked
+:class:`~florist.prediction.Prediction` objects. The PyTorch back end
+(:class:`florist.export.TorchGraphClassifier`) runs the same graph with torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DEFAULT_MAX_PIXELS, BadImage, read_file
+from .errors import FloristError
+from .prediction import Prediction, rank
+from .preprocess import ModelInput, image_arrays
+from .progress import ProgressFn
+
+#: Key of the JSON metadata in an exported model (ONNX ``metadata_props``; TorchScript extra file name).
+METADATA_KEY = "florist"
+#: Version of that metadata's layout.
+EXPORT_FORMAT = 1
+#: Name of the exported graph's only output: ``[N, classes]`` probabilities.
+OUTPUT_NAME = "probabilities"
+
+
+class ArrayClassifier:
+    """A model that maps preprocessed arrays (one per :attr:`inputs` entry) to probabilities.
+
+    Subclasses set :attr:`classes` and :attr:`inputs` and implement :meth:`probabilities`.
+
+    Attributes:
+        backend: ``"onnx"`` or ``"pytorch"``, reported by the server.
+        max_pixels: images whose header claims more pixels are refused before decoding.
+    """
+
+    backend = "arrays"
+    classes: list[str]
+    inputs: list[ModelInput]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 32
+
+    def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """``[N, classes]`` float32 for a batch: input name -> ``[N, 3, H, W]`` float32."""
+        raise NotImplementedError
+
+    def arrays(self, data: bytes) -> dict[str, np.ndarray]:
+        """Decode and preprocess one image's bytes for every input.
+
+        Raises:
+            florist.data.BadImage: the bytes are not a usable image.
+        """
+        return image_arrays(data, self.inputs, self.max_pixels)
+
+    def probabilities_of(self, images: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Probabilities for preprocessed images (from :meth:`arrays`), run in batches."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            out.append(
+                self.probabilities({s.name: np.stack([im[s.name] for im in chunk]) for s in self.inputs})
+            )
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _read_all(
+        self, sources: Sequence[Any], read: Callable[[Any], bytes]
+    ) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
+        """Preprocess every source in a thread pool (Pillow releases the GIL); failures -> errors."""
+
+        def one(source: Any) -> dict[str, np.ndarray] | str:
+            try:
+                return self.arrays(read(source))
+            except BadImage as e:
+                return str(e) or "unreadable image"
+
+        workers = min(8, (os.cpu_count() or 1) + 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, sources))
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+        return [None if isinstance(r, str) else r for r in results], errors
+
+    def _probabilities_with_errors(
+        self, arrays: list[dict[str, np.ndarray] | None], errors: dict[int, str]
+    ) -> np.ndarray:
+        probs = np.full((len(arrays), len(self.classes)), np.nan, dtype=np.float32)
+        ok = [i for i in range(len(arrays)) if i not in errors]
+        if ok:
+            probs[ok] = self.probabilities_of([arrays[i] for i in ok])  # type: ignore[misc]
+        return probs
+
+    def predict_proba(
+        self, paths: Sequence[str | Path], *, progress: ProgressFn | None = None, **_: Any
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities ``[N, classes]`` for image files and index -> error for unreadable ones.
+
+        Rows of unreadable images are NaN. Accepts (and ignores) the feature-cache
+        arguments of :meth:`florist.predict.Classifier.predict_proba`.
+        """
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        errors: dict[int, str] = {}
+        step = self.batch_size * 4
+        for start in range(0, len(paths), step):
+            chunk = list(paths[start : start + step])
+            arrays, chunk_errors = self._read_all(chunk, read_file)
+            probs[start : start + len(chunk)] = self._probabilities_with_errors(arrays, chunk_errors)
+            errors.update({start + i: e for i, e in chunk_errors.items()})
+            if progress:
+                progress(start + len(chunk), len(paths))
+        return probs, errors
+
+    def predict(
+        self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
+    ) -> list[Prediction]:
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns (as ``Classifier.predict``)."""
+        from .remote import expand_inputs
+
+        pairs = expand_inputs(inputs)  # (name as given, local file)
+        probs, errors = self.predict_proba([path for _, path in pairs], progress=progress)
+        return rank([name for name, _ in pairs], probs, errors, self.classes, top_k)
+
+    def predict_bytes(
+        self, images: Sequence[bytes], names: Sequence[str] | None = None, top_k: int = 5
+    ) -> list[Prediction]:
+        """Top-``k`` predictions for images already in memory (uploads); bad ones get ``error`` set."""
+        arrays, errors = self._read_all(images, lambda data: data)
+        probs = self._probabilities_with_errors(arrays, errors)
+        return rank(names or [""] * len(images), probs, errors, self.classes, top_k)
+
+
+def read_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], list[ModelInput], dict[str, Any]]:
+    """Classes, inputs and the full metadata dict from an exported model's ``florist`` JSON.
+
+    Raises:
+        FloristError: the metadata is missing or from an incompatible florist.
+    """
+    if meta.get("format") != EXPORT_FORMAT:
+        raise FloristError(
+            f"{source} was exported by an incompatible florist (format {meta.get('format')}, "
+            f"this version reads {EXPORT_FORMAT})"
+        )
+    return list(meta["classes"]), [ModelInput.from_dict(d) for d in meta["inputs"]], meta
+
+
+class OnnxClassifier(ArrayClassifier):
+    """An exported ``.onnx`` model run by ONNX Runtime on the CPU.
+
+    Example:
+        >>> model = florist.load("model.onnx")                 # doctest: +SKIP
+        >>> model.predict(["rose.jpg"], top_k=3)[0].labels     # doctest: +SKIP
+
+    Args:
+        path: a file written by ``florist export``.
+        threads: intra-op threads (default: ONNX Runtime's choice, one per core).
+
+    Raises:
+        FloristError: missing file, not an ONNX model, or not exported by florist.
+    """
+
+    backend = "onnx"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FloristError(f"model file not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise FloristError(
+                f"cannot load {self.path} as an ONNX model: {str(e).splitlines()[0][:200]}"
+            ) from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")
+        self.classes, self.inputs, self.metadata = read_metadata(json.loads(raw), str(self.path))
+        self.tta_views = list(self.metadata.get("tta_views", ["clean"]))
+
+    def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], batch)[0]

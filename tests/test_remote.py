@@ -1,0 +1,353 @@
+"""Remote paths (fsspec's memory filesystem, an S3 server on loopback) and torchrun feature extraction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+from typer.testing import CliRunner
+
+import florist
+from florist import FloristError, remote
+from florist.cli import app
+from florist.features import default_cache_dir
+
+runner = CliRunner()
+HEAD = {"mode": "head", "eval_fraction": 0.25}
+
+
+@pytest.fixture
+def mem() -> str:
+    """A fresh folder on fsspec's in-process memory filesystem, removed afterwards."""
+    fs = fsspec.filesystem("memory")
+    root = f"/{uuid.uuid4().hex[:8]}"
+    yield f"memory://{root}"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _memfs():
+    return fsspec.filesystem("memory")
+
+
+def _upload(local: Path, url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.put(str(local), path, recursive=True)
+
+
+def _files(url: str) -> dict[str, bytes]:
+    """``{relative name: content}`` of every file under a URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return {name[len(path) :].lstrip("/"): fs.cat_file(name) for name in fs.find(path)}
+
+
+# ---------------------------------------------------------------------------
+# Paths and staging
+# ---------------------------------------------------------------------------
+
+
+def test_urls_are_told_from_local_paths(photos: Path, tmp_path: Path) -> None:
+    assert remote.is_remote("s3://bucket/photos") and remote.is_remote("gs://b/x") and remote.is_remote("memory://x")
+    assert not remote.is_remote("photos/roses") and not remote.is_remote(Path("s3:/x"))
+    assert not remote.is_remote(f"file://{tmp_path}")
+    assert remote.local_path(f"file://{tmp_path}") == tmp_path
+    assert remote.join("s3://b/runs/x/", "metrics.json") == "s3://b/runs/x/metrics.json"
+    with pytest.raises(FloristError, match="must be a local folder"):
+        remote.require_local("gs://bucket/cache", "the feature cache")
+    with pytest.raises(FloristError, match="feature cache"):
+        florist.train(tmp_path, tmp_path / "run", cache_dir="memory://cache")
+    with pytest.raises(FloristError, match="unknown-proto"):
+        remote.stage("unknown-proto://x/y")
+    florist.prepare(f"file://{photos}", f"file://{tmp_path}/prep")  # file:// is a local path
+    assert (tmp_path / "prep" / "train.csv").read_text().splitlines()[1].startswith(str(photos))
+
+
+def test_input_is_fetched_once_and_follows_remote_changes(mem: str, tmp_path: Path) -> None:
+    fs = _memfs()
+    fs.pipe({f"{mem}/a/one.txt": b"1", f"{mem}/two.txt": b"2", f"{mem}/.hidden": b"h"})
+    staged = remote.stage(mem, root=tmp_path)
+    assert staged.is_remote and staged.path.parent == (tmp_path / "remote").resolve()
+    assert sorted(p.relative_to(staged.path).as_posix() for p in staged.path.rglob("*") if p.is_file()) == [
+        "a/one.txt", "two.txt"]
+    first = (staged.path / "two.txt").stat().st_mtime_ns
+
+    time.sleep(0.01)
+    assert remote.stage(mem, root=tmp_path).path == staged.path
+    assert (staged.path / "two.txt").stat().st_mtime_ns == first, "unchanged files are not fetched again"
+
+    fs.pipe(f"{mem}/two.txt", b"2 changed")
+    fs.rm(f"{mem}/a/one.txt")
+    remote.stage(mem, root=tmp_path)
+    assert (staged.path / "two.txt").read_bytes() == b"2 changed"
+    assert not (staged.path / "a" / "one.txt").exists(), "a file deleted remotely is deleted locally"
+    assert staged.to_url(str(staged.path / "two.txt")) == f"{mem}/two.txt"
+    assert staged.to_url("/elsewhere/x.jpg") == "/elsewhere/x.jpg"
+
+    single = remote.stage(f"{mem}/two.txt", siblings=["labels.txt"], root=tmp_path)
+    assert single.path.read_bytes() == b"2 changed" and single.path.name == "two.txt"
+    assert remote.localize([f"{mem}/two.txt#7", "local.jpg"], root=tmp_path) == [f"{single.path}#7", "local.jpg"]
+
+    with pytest.raises(FloristError, match=f"not found: {mem}/nope"):
+        remote.stage(f"{mem}/nope", root=tmp_path)
+    with pytest.raises(FloristError, match=f"no finished model in {mem}"):  # errors name the URL
+        florist.load(mem)
+
+
+def test_output_is_uploaded_on_success_with_model_json_last(mem: str, tmp_path: Path, monkeypatch) -> None:
+    fs = _memfs()
+    fs.pipe({f"{mem}/model.json": b"old", f"{mem}/old.tfrecord": b"o", f"{mem}/keep.txt": b"k"})
+    calls: list[list[str]] = []
+    put = fs.put
+    monkeypatch.setattr(fs, "put", lambda lpaths, rpaths: (calls.append(rpaths), put(lpaths, rpaths)))
+
+    with remote.local_output(mem, fetch=["model.json"], replaces=["*.tfrecord"], root=tmp_path) as out:
+        assert (out.path / "model.json").read_bytes() == b"old", "asked-for files are fetched"
+        assert not (out.path / "keep.txt").exists()
+        (out.path / "model.json").unlink()
+        (out.path / "tb").mkdir()
+        (out.path / "tb" / "events").write_bytes(b"e")
+        (out.path / "model.safetensors").write_bytes(b"w")
+        (out.path / "new.tfrecord").write_bytes(b"n")
+        (out.path / "model.json").write_bytes(b"new")
+        assert calls == [], "nothing is uploaded while the block runs (sync_every 60 s)"
+    assert calls[-1] == [f"{mem.removeprefix('memory://')}/model.json"], "the completion mark goes last"
+    assert _files(mem) == {
+        "model.json": b"new", "model.safetensors": b"w", "tb/events": b"e", "new.tfrecord": b"n", "keep.txt": b"k",
+    }, "old.tfrecord was replaced; keep.txt is not the output's business"
+    assert not out.path.exists(), "the local working folder is removed after the upload"
+
+
+def test_output_is_uploaded_while_written_and_on_failure(mem: str, tmp_path: Path) -> None:
+    fs = _memfs()
+    with pytest.raises(KeyboardInterrupt):
+        with remote.local_output(mem, root=tmp_path, sync_every=0.05) as out:
+            (out.path / "checkpoint.pt").write_bytes(b"epoch 1")
+            deadline = time.monotonic() + 20
+            while not fs.exists(f"{mem}/checkpoint.pt") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fs.cat_file(f"{mem}/checkpoint.pt") == b"epoch 1", "uploaded in the background"
+            (out.path / "checkpoint.pt").write_bytes(b"epoch 2")
+            (out.path / "model.json").write_bytes(b"{}")
+            raise KeyboardInterrupt
+    assert _files(mem) == {"checkpoint.pt": b"epoch 2"}, "a failed run uploads its progress, never model.json"
+
+
+# ---------------------------------------------------------------------------
+# train -> evaluate -> predict with every path on memory://
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mem_run(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Photos on memory://, a head-mode run trained from there into memory://; and its cache folder."""
+    root = f"memory://{uuid.uuid4().hex[:8]}"
+    _upload(photos, f"{root}/photos")
+    cache = tmp_path_factory.mktemp("mem-cache")
+    florist.train(f"{root}/photos", f"{root}/runs/head", cache_dir=cache, **HEAD)
+    yield root, cache
+    _memfs().rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_train_evaluate_predict_on_memory(mem_run: tuple[str, Path]) -> None:
+    root, cache = mem_run
+    run = f"{root}/runs/head"
+    files = _files(run)
+    assert {"model.json", "model.safetensors", "metrics.json", "run.json", "train.csv", "eval.csv"} <= set(files)
+    assert any(name.startswith("tb/events.out.tfevents") for name in files), "TensorBoard logs travel with the run"
+    assert "checkpoint.pt" not in files
+    assert not list((cache / "remote").glob("out-*")), "no local copy of the run is left behind"
+    eval_rows = files["eval.csv"].decode().splitlines()[1:]
+    assert eval_rows and all(row.startswith(f"{root}/photos/") for row in eval_rows), "manifests name the URLs"
+    assert json.loads(files["run.json"])["data_dir"] == f"{root}/photos"
+
+    metrics = json.loads(files["metrics.json"])
+    assert florist.evaluate(run)["top1"] == pytest.approx(metrics["top1"])
+    on_folder = florist.evaluate(run, f"{root}/photos")
+    assert on_folder["n"] == 24 and on_folder["top1"] == 1.0
+
+    predictions = florist.load(run).predict([f"{root}/photos/red", f"{root}/photos/blue/*_0[12].jpg"], top_k=1)
+    assert [p.path for p in predictions[:2]] == [f"{root}/photos/red/red_00.jpg", f"{root}/photos/red/red_01.jpg"]
+    assert [p.labels[0] for p in predictions] == ["red"] * 8 + ["blue"] * 2
+    assert predictions[-1].path.endswith("/photos/blue/blue_02.jpg")
+
+
+def test_tfrecords_on_memory_train_the_same_model(mem_run: tuple[str, Path], tmp_path: Path, monkeypatch) -> None:
+    root, cache = mem_run
+    records = f"{root}/records"
+    florist.prepare(f"{root}/photos", f"{root}/prep", eval_fraction=0.25)
+    rows = _files(f"{root}/prep")["train.csv"].decode().splitlines()[1:]
+    assert len(rows) == 18 and all(row.startswith(f"{root}/photos/") for row in rows)
+
+    florist.tfrecord.prepare_tfrecords(f"{root}/photos", records, shards=2, eval_fraction=0.25)
+    florist.tfrecord.prepare_tfrecords(f"{root}/photos", records, shards=1, eval_fraction=0.25)
+    assert sorted(_files(records)) == ["eval.tfrecord", "labels.txt", "skipped.csv", "train.tfrecord"], (
+        "the 2-shard files were replaced"
+    )
+    florist.train(records, f"{root}/runs/tfr", cache_dir=cache, **HEAD)
+    from_folder = load_tensors(_files(f"{root}/runs/head")["model.safetensors"])
+    from_records = load_tensors(_files(f"{root}/runs/tfr")["model.safetensors"])
+    assert all(torch.equal(from_folder[k], from_records[k]) for k in from_folder)
+
+    rows = _files(f"{root}/runs/tfr")["eval.csv"].decode().splitlines()[1:]
+    assert rows and all(row.startswith(f"{records}/eval.tfrecord#") for row in rows)
+    monkeypatch.setenv("FLORIST_CACHE", str(tmp_path))  # cold cache: the records must be fetched and read
+    assert florist.evaluate(f"{root}/runs/tfr")["top1"] == 1.0
+    assert list((tmp_path / "remote").glob("in-*/eval.tfrecord"))
+
+
+@pytest.mark.slow
+def test_finetune_resumes_from_a_remote_checkpoint(photos: Path, mem: str, tmp_path: Path) -> None:
+    """A run killed after its first epoch left checkpoint.pt remotely; the re-run resumes from it."""
+    import florist.finetune as ft
+
+    settings = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 9, "warmup": 0.25}
+    original = ft._Tracker.__call__
+
+    def crash_after_checkpoint(self, history):
+        original(self, history)
+        raise KeyboardInterrupt("simulated pre-emption")
+
+    ft._Tracker.__call__ = crash_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            florist.train(photos, f"{mem}/run", **settings)
+    finally:
+        ft._Tracker.__call__ = original
+    assert set(_files(f"{mem}/run")) >= {"checkpoint.pt"} and "model.json" not in _files(f"{mem}/run")
+
+    florist.train(photos, f"{mem}/run", **settings)
+    files = _files(f"{mem}/run")
+    assert json.loads(files["metrics.json"])["finetune"]["resumed_from_epoch"] == 1
+    assert "model.json" in files and "checkpoint.pt" not in files
+
+
+# ---------------------------------------------------------------------------
+# An S3 server on loopback (moto), through the command line
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A moto S3 server on 127.0.0.1 with a bucket holding the photos; the environment points s3fs at it."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    nowhere = str(tmp_path_factory.mktemp("aws") / "none")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": nowhere,
+            "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            mp.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fsspec.filesystem("s3").mkdir("florist-test")
+        _upload(photos, "s3://florist-test/photos")
+        yield "s3://florist-test"
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_cli_train_evaluate_predict_on_s3(s3: str) -> None:
+    run = f"{s3}/runs/cli"
+    args = ["--mode", "head", "--eval-fraction", "0.25", "--quiet"]
+    result = runner.invoke(app, ["train", f"{s3}/photos", "--out", run, *args, "--json"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.output)
+    assert {"model.json", "model.safetensors", "metrics.json", "eval.csv"} <= set(_files(run))
+
+    result = runner.invoke(app, ["evaluate", run, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["top1"] == pytest.approx(trained["top1"])
+
+    result = runner.invoke(app, ["predict", run, f"{s3}/photos/green", "--top-k", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 8 and {p["label"] for p in lines} == {"green"}
+    assert lines[0]["path"] == f"{s3}/photos/green/green_00.jpg"
+
+    again = runner.invoke(app, ["train", f"{s3}/photos", "--out", run, *args])
+    assert again.exit_code == 2
+    assert f"{run} already holds a trained model" in " ".join(again.output.split())
+
+
+def test_storage_failures_are_one_line_errors(s3: str, monkeypatch) -> None:
+    import s3fs
+
+    with pytest.raises(FloristError, match=f"not found: {s3}/no-such-run"):
+        florist.evaluate(f"{s3}/no-such-run")
+    result = runner.invoke(app, ["predict", f"{s3}/no-such-run", "x.jpg"])
+    assert result.exit_code == 2 and "not found: s3://" in result.output
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(FloristError, match=f"could not read {s3}/photos: NoCredentialsError"):
+            florist.prepare(f"{s3}/photos")
+    finally:
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---------------------------------------------------------------------------
+# torchrun: two processes extract the features one process would
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_feature_extraction_is_bit_identical(photos: Path, s3: str, tmp_path: Path) -> None:
+    """2 CPU processes (gloo), data and run on S3, each extracting its half: the same cached features
+    and the same head as one process on the local folder."""
+    one = florist.train(photos, tmp_path / "one", mode="head", eval_fraction=0.25, cache_dir=tmp_path / "c1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = f"{s3}/runs/ddp"
+    result = subprocess.run(
+        [*torchrun, "-m", "florist", "train", f"{s3}/photos", "--out", run, "--mode", "head",
+         "--eval-fraction", "0.25", "--cache-dir", str(tmp_path / "c2"), "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def features(cache: Path) -> dict[str, bytes]:
+        return {
+            p.relative_to(cache).as_posix(): p.read_bytes()
+            for p in cache.rglob("*.safetensors") if "remote" not in p.relative_to(cache).parts
+        }
+
+    single, double = features(tmp_path / "c1"), features(tmp_path / "c2")
+    assert len(single) == 48, "24 images x (clean, flip)"
+    assert single.keys() == double.keys()
+    assert all(single[k] == double[k] for k in single), "bit-identical features"
+    two = load_tensors(_files(run)["model.safetensors"])
+    assert all(torch.equal(one.head.state_dict()[k], two[k]) for k in two), "and so the same head"
+    assert not list((tmp_path / "c2" / "remote").glob("out-*")), "rank 0 uploaded the run and cleaned up"
+    metrics = json.loads(_files(run)["metrics.json"])
+    assert np.isclose(metrics["top1"], 1.0)
+    assert metrics["features_computed"] == 48, "the processes' shares add up to every image and view"
+
+
+def test_default_cache_must_be_local(monkeypatch) -> None:
+    monkeypatch.setenv("FLORIST_CACHE", "gs://bucket/cache")
+    with pytest.raises(FloristError, match=r"\$FLORIST_CACHE"):
+        default_cache_dir()

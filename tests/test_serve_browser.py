@@ -1,0 +1,154 @@
+"""End to end: `florist serve` on loopback, its page driven in headless Chromium.
+
+Needs the Python package ``playwright`` (test extra) and Debian's ``chromium`` at
+/usr/bin/chromium (``apt-get install -y chromium``; ``$FLORIST_CHROMIUM`` names
+another binary). Playwright's own browser download is never used. Without them
+the tests skip, except under CI (``CI`` set), where they fail. Screenshots go to
+``test-artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import images as im  # tests/images.py
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path(os.environ.get("FLORIST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _require_browser() -> None:
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "the playwright package is not installed (pip install -e '.[test]')"
+    if reason is None and not CHROMIUM.is_file():
+        reason = f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set FLORIST_CHROMIUM)"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser test cannot run in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def server(exported_onnx: Path) -> Iterator[str]:
+    """`florist serve model.onnx` in a subprocess on a free loopback port; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "florist", "serve", str(exported_onnx), "--port", str(port), "--quiet"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"server did not start: {process.communicate()[0][-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server: str):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def open_page(page, server: str) -> None:
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('3 classes')")
+
+
+def shown_result(page) -> tuple[str, list[tuple[str, str]]]:
+    """The top label and the (label, percentage) of each bar, as rendered."""
+    page.wait_for_selector("#top-label")
+    rows = page.query_selector_all("#results .row")
+    return page.inner_text("#top-label"), [
+        (row.get_attribute("data-label"), row.query_selector(".pct").inner_text()) for row in rows
+    ]
+
+
+def test_page_classifies_a_picked_photo(page, server: str, photos: Path) -> None:
+    open_page(page, server)
+    page.set_input_files("#file", str(sorted((photos / "red").iterdir())[0]))
+    top, bars = shown_result(page)
+    assert top == "red"
+    assert [label for label, _ in bars][0] == "red" and len(bars) == 3
+    assert page.evaluate("document.getElementById('preview').naturalWidth") > 0  # the photo is shown
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+
+
+def test_page_classifies_a_dropped_real_flower(page, server: str, flower_photos: Path) -> None:
+    photo = sorted((flower_photos / "sunflowers").glob("*.jpg"))[0]
+    expected = httpx.post(
+        f"{server}/predict?top_k=5", files={"file": (photo.name, photo.read_bytes())}
+    ).json()
+    open_page(page, server)
+    page.evaluate(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            const drop = document.getElementById("drop");
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                drop.dispatchEvent(new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true }));
+            }
+        }""",
+        [base64.b64encode(photo.read_bytes()).decode(), photo.name],
+    )
+    top, bars = shown_result(page)
+    assert top == expected["label"]
+    assert bars == [(t["label"], f"{t['probability'] * 100:.1f}%") for t in expected["top_k"]]
+    assert photo.name in page.inner_text("#status")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-page-flower.png"), full_page=True)
+
+
+def test_page_explains_a_file_that_is_not_an_image(page, server: str, tmp_path: Path) -> None:
+    open_page(page, server)
+    page.set_input_files("#file", str(im.write_text_file(tmp_path / "notes.jpg")))
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert "not a usable image" in page.inner_text("#error")
+    assert page.query_selector_all("#results .row") == []
