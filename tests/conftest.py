@@ -1,4 +1,4 @@
-"""Shared fixtures: a session feature cache, synthetic photo folders, the real flower photos."""
+"""Shared fixtures: a session feature cache, synthetic photo folders, the bad-input corpus, the real flower photos."""
 
 from __future__ import annotations
 
@@ -48,6 +48,24 @@ def trained_run(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     run = tmp_path_factory.mktemp("run") / "colours"
     florist.train(photos, run, epochs=10, eval_fraction=0.25, mode="head")
+    return run
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory):
+    """The bad-input corpus (tests/images.py ``make_corpus``): read-only by convention."""
+    import images
+
+    return images.make_corpus(tmp_path_factory.mktemp("corpus") / "photos")
+
+
+@pytest.fixture(scope="session")
+def corpus_run(corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A head-mode run trained on :func:`corpus` (one test-time view, to keep it quick)."""
+    import florist
+
+    run = tmp_path_factory.mktemp("corpus-run") / "run"
+    florist.train(corpus.root, run, mode="head", epochs=3, eval_fraction=0.25, tta=False)
     return run
 
 

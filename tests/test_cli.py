@@ -87,6 +87,23 @@ def test_errors_are_one_line_without_traceback(args: list[str], message: str, ph
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_environment_errors_are_one_line(photos: Path, tmp_path: Path) -> None:
+    """An OSError (here: a file where the output folder should be) is a message, not a traceback."""
+    (tmp_path / "taken").write_text("a file")
+    result = runner.invoke(app, ["prepare", str(photos), "--out", str(tmp_path / "taken" / "run"), "--quiet"])
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("error: ") and "Not a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_error_messages_print_names_that_look_like_markup(trained_run: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "[/red] [bold]x.jpg"
+    result = runner.invoke(app, ["predict", str(trained_run), str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"no files match '{missing}'" in result.stderr.replace("\n", "")  # [ makes it a glob
+
+
 def test_cli_reference_is_up_to_date(tmp_path: Path) -> None:
     """docs/cli.md is generated from the CLI (make docs); a stale copy fails here."""
     typer_bin = Path(sys.executable).with_name("typer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import resource
 import shutil
 import threading
@@ -196,6 +197,45 @@ def test_dangling_symlink_is_skipped(tmp_path):
     assert "not found" in reason and "link" in reason
 
 
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: (d / "a.jpg").symlink_to("b.jpg") or (d / "b.jpg").symlink_to("a.jpg"), "symbolic link loop"),
+        (lambda d: (d / "a.jpg").symlink_to("a.jpg"), "symbolic link loop"),
+        (lambda d: (d / "a.jpg").symlink_to("."), "symbolic link to a folder (not followed)"),
+    ],
+)
+def test_link_loops_and_links_to_folders_are_reported_not_followed(tmp_path, make, reason):
+    """A link back to the class folder would loop (or count images twice): reported once, never followed."""
+    root = im.make_class_folders(tmp_path / "photos", TWO, n=4)
+    make(root / "red")
+    prepared = prepare(root, eval_fraction=0.25)
+    links = sorted(str(p) for p in (root / "red").iterdir() if p.is_symlink())
+    assert sorted(s.path for s in prepared.skipped) == links
+    assert {s.reason for s in prepared.skipped} == {reason}
+    assert len(prepared.train) + len(prepared.eval) == 8
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path):
+    """Its images are not silently lost (as root every folder can be listed, so listing is made to fail)."""
+    root = im.make_class_folders(tmp_path / "photos", TWO, n=4)
+    locked = root / "red" / "locked"
+    im.make_image(locked / "inside.jpg", size=im.SMALL)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    with mock.patch("os.scandir", scandir):
+        prepared = prepare(root, eval_fraction=0.25)
+    assert [(s.path, s.reason) for s in prepared.skipped] == [
+        (str(locked), "folder that cannot be listed (permission denied?)")
+    ]
+    assert len(prepared.train) + len(prepared.eval) == 8
+
+
 def test_fifo_is_skipped_without_blocking(tmp_path):
     root = im.make_class_folders(tmp_path / "photos", TWO, n=4)
     fifo = im.make_fifo(root / "red" / "pipe.jpg")
@@ -328,6 +368,21 @@ def test_max_pixels_refuses_a_small_image(tmp_path):
     assert decode_image(data, max_pixels=400).size == (20, 20)  # exactly at the limit is fine
 
 
+@pytest.mark.parametrize("size", [(51, 1), (1, 200), (5_000_000, 1)])
+def test_extreme_aspect_ratio_is_refused_before_decoding(size):
+    """Preprocessing scales the short side up: a 5000000x1 line would need terabytes."""
+    data = im.encode(Image.new("L", size), "PNG")
+    start = time.perf_counter()
+    with pytest.raises(BadImage, match=rf"extreme aspect ratio \({size[0]}x{size[1]}; the limit is 50:1\)"):
+        decode_image(data)
+    assert time.perf_counter() - start < 5
+
+
+def test_aspect_ratio_up_to_the_limit_is_fine():
+    assert decode_image(im.encode(Image.new("RGB", (50, 1)), "PNG")).size == (50, 1)
+    assert decode_image(im.encode(Image.new("RGB", (1, 1)), "PNG")).size == (1, 1)
+
+
 def test_max_pixels_is_applied_by_prepare(tmp_path):
     root = im.make_class_folders(tmp_path / "photos", TWO, n=3, size=(10, 10))
     big = im.make_image(root / "red" / "big.jpg", size=(40, 40))
@@ -417,6 +472,20 @@ def test_scan_with_known_classes_keeps_label_order_and_rejects_unknown(tmp_path)
     assert {it.label for it in ds.items if "/blue/" in it.path} == {2}
     with pytest.raises(FloristError, match=r"not known to the model: 'blue'"):
         scan(root, classes=["red"])
+
+
+def test_class_folder_with_a_line_break_is_an_error(tmp_path):
+    root = im.make_class_folders(tmp_path / "photos", {"red": RED, "two\nlines": BLUE}, n=3)
+    with pytest.raises(FloristError, match=r"class folder name with a line break: 'two\\nlines'"):
+        prepare(root)
+
+
+def test_class_names_with_unicode_line_separators_round_trip(tmp_path):
+    """labels.txt is split on \\n only: U+2028 or U+0085 inside a name is part of the name."""
+    names = {"para\u2029graph": RED, "next\x85line": BLUE, "form\x0cfeed": (0, 200, 0)}
+    root = im.make_class_folders(tmp_path / "photos", names, n=3)
+    prepared = prepare(root, tmp_path / "run", eval_fraction=0.3)
+    assert read_labels(tmp_path / "run") == prepared.classes == sorted(names)
 
 
 def test_unicode_and_space_class_names_round_trip(tmp_path):

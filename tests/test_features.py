@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -116,6 +117,41 @@ def test_cache_is_used_and_survives_corruption(lite0, images, tmp_path):
     fourth = extract_features(lite0, images, shas=shas, cache=cache)
     assert fourth.computed == 1
     np.testing.assert_allclose(fourth.features, first.features, atol=1e-6)
+
+
+def test_cache_entry_damaged_on_disk_is_recomputed_not_trained_on(lite0, images, tmp_path):
+    """A flipped bit inside an entry's numbers still parses as safetensors: the checksum catches it."""
+    shas = [sha256_file(p) for p in images[:2]]
+    cache = FeatureCache(tmp_path / "cache", feature_key(lite0))
+    first = extract_features(lite0, images[:2], shas=shas, cache=cache)
+    entry = cache._path(shas[0])
+    data = bytearray(entry.read_bytes())
+    data[-7] ^= 0x40  # inside the last float of the array
+    entry.write_bytes(bytes(data))
+    assert cache.get(shas[0]) is None and not entry.exists(), "refused and removed"
+    again = extract_features(lite0, images[:2], shas=shas, cache=cache)
+    assert again.computed == 1
+    np.testing.assert_allclose(again.features, first.features, atol=1e-6)
+    # an entry without a checksum (written by anything else) is not trusted either
+    from safetensors.numpy import save
+
+    entry.write_bytes(save({"features": np.zeros(lite0.num_features, dtype=np.float32)}))
+    assert cache.get(shas[0]) is None
+
+
+def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(lite0, images, tmp_path, caplog):
+    """Disk full or read-only cache: features are computed, used and the run goes on, with one warning."""
+    cache = FeatureCache(tmp_path / "cache", feature_key(lite0))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with mock.patch("florist.features.atomic_write_bytes", full):
+        result = extract_features(lite0, images, shas=[sha256_file(p) for p in images], cache=cache)
+    assert result.errors == {} and result.computed == len(images)
+    np.testing.assert_allclose(result.features, _reference(lite0, images), atol=1e-5, rtol=1e-5)
+    warnings = [r.message for r in caplog.records if "cannot write the feature cache" in r.message]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
 
 
 def test_cache_entries_are_served_without_reading_the_image(lite0, images, tmp_path):

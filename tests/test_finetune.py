@@ -24,6 +24,7 @@ from florist.finetune import (
     _Tracker,
     augmented_batch,
     layerwise_groups,
+    load_checkpoint,
 )
 from florist.loop import History
 
@@ -94,6 +95,38 @@ def test_tracker_stops_after_patience_epochs_without_improvement() -> None:
         decisions.append(tracker(history))
     assert decisions == [False, False, False, True, True]
     assert (tracker.best_epoch, tracker.best_top1) == (1, 0.6)
+
+
+def test_checkpoint_damaged_on_disk_is_not_resumed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch.load does not check the zip's CRCs; load_checkpoint does, so a flipped bit is never resumed."""
+    torch.save({"fingerprint": "run-1", "w": torch.arange(1000.0)}, tmp_path / CHECKPOINT)
+    assert torch.equal(load_checkpoint(tmp_path, "run-1")["w"], torch.arange(1000.0))
+    assert load_checkpoint(tmp_path, "run-2") is None  # other settings or data
+    data = bytearray((tmp_path / CHECKPOINT).read_bytes())
+    offset = data.find(b"data/0") + 600  # inside the tensor's bytes
+    data[offset] ^= 0xFF
+    (tmp_path / CHECKPOINT).write_bytes(bytes(data))
+    assert load_checkpoint(tmp_path, "run-1") is None
+    assert "checksum mismatch" in caplog.text
+    (tmp_path / CHECKPOINT).write_bytes(bytes(data[: len(data) // 2]))  # cut short
+    assert load_checkpoint(tmp_path, "run-1") is None
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_checkpoint_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint.pt planted in a run folder cannot run code: it is read with weights_only."""
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": "run-1", "payload": _Exploit(marker)}, tmp_path / CHECKPOINT)
+    assert load_checkpoint(tmp_path, "run-1") is None
+    assert not marker.exists()
+    assert "ignoring unreadable checkpoint" in caplog.text
 
 
 def test_device_choice() -> None:

@@ -74,3 +74,42 @@ def test_missing_inputs_are_clear_errors(trained_run: Path, tmp_path: Path) -> N
         model.predict([str(tmp_path / "*.png")])
     with pytest.raises(FloristError, match="run folder not found"):
         florist.load(tmp_path / "missing-run")
+
+
+def test_damaged_or_mismatched_weights_are_refused(trained_run: Path, tmp_path: Path) -> None:
+    """model.json holds the weights' SHA-256: a flipped bit, or weights from another run, are refused."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # still a valid safetensors file, with one weight changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FloristError, match=r"model.safetensors does not match model.json"):
+        florist.load(run)
+    weights.write_bytes(b"\x00" * 16)
+    with pytest.raises(FloristError, match="does not match"):
+        florist.load(run)
+
+
+def test_pickled_weights_are_never_unpickled(trained_run: Path, tmp_path: Path) -> None:
+    """A pickle dropped in as model.safetensors (and its hash written into model.json) is refused unread."""
+    import json
+    import os
+
+    import torch
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    torch.save({"fc.weight": Exploit()}, run / "model.safetensors")
+    meta = json.loads((run / "model.json").read_text())
+    from florist.files import sha256_file
+
+    meta["weights_sha256"] = sha256_file(run / "model.safetensors")
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(FloristError, match="cannot read"):
+        florist.load(run)
+    assert not (tmp_path / "pwned").exists()

@@ -4,7 +4,9 @@ A run folder holds ``model.safetensors`` (the trained head's tensors) and
 ``model.json`` (format version, class names, backbone spec, preprocessing and
 head shape). Together they rebuild the classifier with no pickle involved.
 ``model.json`` is written last and atomically: a folder without it is not a
-finished run, whatever else it contains.
+finished run, whatever else it contains. It records the SHA-256 of the weights
+file, so weights damaged on disk, or a pair of files from two different runs,
+are refused instead of silently giving wrong predictions.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import nn
 
 from .backbones import BackboneSpec
 from .errors import FloristError
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
 #: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``.
 BACKBONE_PREFIX = "backbone."
+#: Key of ``model.json`` holding the SHA-256 of ``model.safetensors`` (checked on load).
+WEIGHTS_SHA256 = "weights_sha256"
 
 
 @dataclass
@@ -77,11 +81,12 @@ def is_complete(run_dir: str | Path) -> bool:
 
 
 def save_bundle(run_dir: str | Path, bundle: Bundle) -> None:
-    """Write weights, then ``model.json`` (the completion mark), each atomically."""
+    """Write weights, then ``model.json`` (the completion mark, holding the weights' SHA-256), each atomically."""
     run = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.state.items()}
-    atomic_write_bytes(run / MODEL_WEIGHTS, save(state, metadata={"format": "florist"}))
-    atomic_write_json(run / MODEL_JSON, bundle.to_json())
+    weights = save(state, metadata={"format": "florist"})
+    atomic_write_bytes(run / MODEL_WEIGHTS, weights)
+    atomic_write_json(run / MODEL_JSON, {**bundle.to_json(), WEIGHTS_SHA256: sha256_bytes(weights)})
 
 
 def read_bundle(run_dir: str | Path) -> Bundle:
@@ -105,10 +110,18 @@ def read_bundle(run_dir: str | Path) -> Bundle:
             f"this version reads {FORMAT_VERSION})"
         )
     try:
-        state = load_file(str(run / MODEL_WEIGHTS))
+        weights = (run / MODEL_WEIGHTS).read_bytes()
+    except OSError as e:
+        raise FloristError(f"cannot read {run / MODEL_WEIGHTS}: {e.strerror or e}") from None
+    if meta.get(WEIGHTS_SHA256, sha256_bytes(weights)) != sha256_bytes(weights):
+        raise FloristError(
+            f"{run / MODEL_WEIGHTS} does not match {MODEL_JSON} (damaged, or replaced by another run); train again"
+        )
+    try:
+        state = load(weights)
     except Exception as e:
         raise FloristError(f"cannot read {run / MODEL_WEIGHTS}: {e}") from None
-    known = {"format_version", "classes", "backbones", "preprocessing", "head"}
+    known = {"format_version", "classes", "backbones", "preprocessing", "head", WEIGHTS_SHA256}
     return Bundle(
         classes=list(meta["classes"]),
         backbones=[BackboneSpec.from_dict(b) for b in meta["backbones"]],

@@ -7,11 +7,12 @@ status 2, never a traceback.
 
 from __future__ import annotations
 
-import csv
 import functools
+import io
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -19,9 +20,11 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import FloristError
+from .files import json_text, write_csv
 
 app = typer.Typer(
     add_completion=False,
@@ -48,15 +51,37 @@ def _setup_logging(quiet: bool) -> None:
     )
 
 
+def _setup_output() -> None:
+    """Output that odd files cannot break.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates, which a
+    strict stdout refuses: they are printed as their original bytes, as ``ls`` does.
+    Pillow's warnings about damaged metadata (EXIF) are dropped: florist reports
+    each unusable file itself, once, and a usable one needs no warning.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, io.UnsupportedOperation):
+            pass
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures into one line on stderr and exit status 2 (130 on Ctrl-C)."""
+    """Turn expected failures into one line on stderr and exit status 2 (130 on Ctrl-C).
+
+    Expected failures are florist's own errors and the environment's (``OSError``:
+    a full disk, a missing permission, a file where a folder should be).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_output()
         try:
             return fn(*args, **kwargs)
-        except FloristError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        except (FloristError, OSError) as e:
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -103,7 +128,7 @@ def prepare(
     if not quiet:
         out.print(
             f"{len(result.classes)} classes, {len(result.train)} train, {len(result.eval)} eval, "
-            f"{len(result.skipped)} skipped -> {out_dir}"
+            f"{len(result.skipped)} skipped -> {escape(str(out_dir))}"
         )
 
 
@@ -276,22 +301,22 @@ def predict(
     predictions = model.predict(inputs, top_k=top_k)
     if json_out:
         for p in predictions:
-            sys.stdout.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text(p.to_dict()) + "\n")
     elif csv_out:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["path", "rank", "label", "probability", "error"])
+        rows = []
         for p in predictions:
             if p.error:
-                writer.writerow([p.path, "", "", "", p.error])
+                rows.append([p.path, "", "", "", p.error])
             for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
-                writer.writerow([p.path, rank, label, f"{prob:.6f}", ""])
+                rows.append([p.path, rank, label, f"{prob:.6f}", ""])
+        write_csv(sys.stdout, ["path", "rank", "label", "probability", "error"], rows)
     else:
         table = Table("image", "top classes")
         for p in predictions:
-            text = p.error and f"[red]{p.error}[/red]" or ", ".join(
-                f"{label} {prob:.1%}" for label, prob in zip(p.labels, p.probabilities)
+            text = p.error and f"[red]{escape(p.error)}[/red]" or ", ".join(
+                f"{escape(label)} {prob:.1%}" for label, prob in zip(p.labels, p.probabilities)
             )
-            table.add_row(p.path, text)
+            table.add_row(escape(p.path), text)
         out.print(table)
     if any(p.error for p in predictions):
         raise typer.Exit(1)
@@ -309,7 +334,7 @@ def download(
 
     with progress_bar("Downloading flower_photos", enabled=not quiet, unit="bytes") as bar:
         folder = run_download(dest=dest, progress=bar)
-    out.print(str(folder), highlight=False)
+    out.print(str(folder), highlight=False, markup=False)
 
 
 @app.command()
@@ -441,11 +466,11 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     out.print(f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   on {metrics['n']} images")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in metrics["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     out.print(table)
-    cm = Table("true \\ predicted", *metrics["classes"])
+    cm = Table("true \\ predicted", *map(escape, metrics["classes"]))
     for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
-        cm.add_row(name, *map(str, row))
+        cm.add_row(escape(name), *map(str, row))
     out.print(cm)
 
 

@@ -13,6 +13,7 @@ pixels.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -47,6 +48,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 #: Largest file read into memory (bytes); bigger files are skipped unread.
 MAX_FILE_BYTES = 256 * 1024 * 1024
+
+#: Longest side / shortest side allowed. Preprocessing scales the shorter side up to
+#: the network's input size, so a 20000x1 "image" of a few bytes would become
+#: 5 million x 256 pixels (minutes of CPU) and 5000000x1 would exhaust memory.
+#: Panoramas stay far below this.
+MAX_ASPECT_RATIO = 50
 
 #: Held while Pillow reads a header with its DecompressionBombWarning turned into
 #: an error. ``warnings.catch_warnings`` swaps process-wide state and is not
@@ -109,7 +116,7 @@ def read_file(path: str | Path) -> bytes:
     p = Path(path)
     try:
         if not p.is_file():
-            raise BadImage("not a regular file" if p.exists() else "file not found (broken link?)")
+            raise BadImage(_why_not_a_file(p))
         size = p.stat().st_size
         if size == 0:
             raise BadImage("empty file (0 bytes)")
@@ -120,6 +127,25 @@ def read_file(path: str | Path) -> bytes:
         raise BadImage("permission denied") from None
     except OSError as e:
         raise BadImage(f"cannot read file: {e.strerror or e}") from None
+
+
+def _why_not_a_file(p: Path) -> str:
+    """The reason shown for a path that is not a regular file (links, folders, pipes, devices)."""
+    try:
+        p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if p.is_symlink():
+            return "broken symbolic link (target not found)"
+        if isinstance(e, PermissionError):
+            return "permission denied"
+        return "file not found" if isinstance(e, FileNotFoundError) else f"cannot read file: {e.strerror or e}"
+    if p.is_dir():
+        if p.is_symlink():
+            return "symbolic link to a folder (not followed)"
+        return "folder that cannot be listed (permission denied?)"
+    return "not a regular file"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -174,6 +200,8 @@ def decode_image(
             raise BadImage(f"invalid size {width}x{height}")
         if width * height > max_pixels:
             raise BadImage(f"too many pixels ({width}x{height} > {max_pixels} limit)")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise BadImage(f"extreme aspect ratio ({width}x{height}; the limit is {MAX_ASPECT_RATIO}:1)")
         if draft_size and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft_size, draft_size))
         img.load()
@@ -219,15 +247,35 @@ def find_class_folders(data_dir: str | Path) -> dict[str, Path]:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except PermissionError:
         raise FloristError(f"cannot list folder (permission denied): {root}") from None
+    for p in entries:
+        if "\n" in p.name or "\r" in p.name:
+            raise FloristError(
+                f"class folder name with a line break: {p.name!r} (labels.txt has one per line); rename it"
+            )
     return {p.name: p for p in entries}
 
 
 def _candidate_files(folder: Path) -> Iterator[Path]:
-    """Every non-hidden file under ``folder``, in sorted order, without following link loops."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+    """Every file under ``folder`` in sorted order, plus what could not be searched.
+
+    Symbolic links to folders are not followed (a link to a parent would loop, a
+    link to a sibling would count its images twice) and folders that cannot be
+    listed are not searched; both are yielded like files, so reading them reports
+    why they were left out instead of losing their contents silently.
+    """
+    unlisted: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=lambda e: unlisted.append(e.filename)):
+        yield from _drain(unlisted)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
+        for name in sorted(filenames + links):
             yield Path(dirpath) / name
+    yield from _drain(unlisted)
+
+
+def _drain(paths: list[str]) -> Iterator[Path]:
+    while paths:
+        yield Path(paths.pop(0))
 
 
 def check_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
@@ -496,7 +544,8 @@ def read_labels(run_dir: str | Path) -> list[str]:
     path = Path(run_dir) / "labels.txt"
     if not path.exists():
         raise FloristError(f"no labels.txt in {run_dir}: not a florist run folder")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # names as the file system gave them
+    return [line for line in text.split("\n") if line]  # not splitlines(): U+2028 etc. may be in a name
 
 
 def read_manifest(path: str | Path, classes: Sequence[str]) -> list[Item]:

@@ -5,25 +5,26 @@ computes it once and stores it under a key made of the image's content hash
 and everything that affects the vector: backbone architecture, exact weights,
 preprocessing and the florist feature version. A second ``train`` on the same
 photos (or on a superset, or with other head settings) reads the cache instead
-of running the network. Entries are single safetensors files written
-atomically, so a killed run leaves no corrupt entry and concurrent runs can
-share one cache.
+of running the network. Entries are single checksummed safetensors files
+written atomically, so a killed run leaves no corrupt entry and concurrent runs
+can share one cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load
+from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,6 +34,8 @@ from .files import atomic_write_bytes, sha256_bytes
 from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
 from .tfrecord import read_image_bytes
+
+log = logging.getLogger("florist")
 
 #: Bump when the way features are computed changes, so stale cache entries are not reused.
 FEATURE_VERSION = 1
@@ -193,27 +196,53 @@ def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: st
 
 
 class FeatureCache:
-    """One folder of per-image feature files: ``<root>/<key>/<sha[:2]>/<sha>.safetensors``."""
+    """One folder of per-image feature files: ``<root>/<key>/<sha[:2]>/<sha>.safetensors``.
+
+    Each entry carries the SHA-256 of its array in the safetensors metadata and is
+    only served when the array still matches it: an entry damaged on disk is
+    recomputed, never trained on. Entries are written atomically (see
+    :func:`florist.files.atomic_write_bytes`), so processes sharing the cache, or
+    killed while writing to it, leave whole entries or none; no lock is needed.
+    """
 
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key
+        self._write_failed = False
 
     def _path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.safetensors"
 
     def get(self, sha: str) -> np.ndarray | None:
-        """The cached vector, or None if absent or unreadable (a bad entry is removed)."""
+        """The cached array, or None if absent, unreadable or damaged (a damaged entry is removed)."""
         path = self._path(sha)
         try:
-            return st_load(path.read_bytes())["features"]
-        except FileNotFoundError:
+            with safe_open(path, framework="np") as f:
+                expected = (f.metadata() or {}).get("sha256")
+                features = f.get_tensor("features")
+        except OSError:  # absent, or unreadable right now: compute it
             return None
-        except Exception:
-            path.unlink(missing_ok=True)
-            return None
+        except Exception:  # not a safetensors file, or truncated
+            expected, features = None, None
+        if features is not None and expected == _digest(features):
+            return features
+        with suppress(OSError):
+            path.unlink()
+        return None
 
     def put(self, sha: str, features: np.ndarray) -> None:
-        atomic_write_bytes(self._path(sha), st_save({"features": np.ascontiguousarray(features)}))
+        """Store an array; when the cache cannot be written (read-only, disk full) the run goes on without it."""
+        array = np.ascontiguousarray(features)
+        try:
+            atomic_write_bytes(self._path(sha), st_save({"features": array}, metadata={"sha256": _digest(array)}))
+        except OSError as e:
+            if not self._write_failed:
+                log.warning("cannot write the feature cache %s (%s); going on without caching", self.dir, e)
+            self._write_failed = True
+
+
+def _digest(array: np.ndarray) -> str:
+    """Checksum of an array's values, shape and type: what a cache entry must still match."""
+    return sha256_bytes(f"{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes())
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,12 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
+
+from .errors import FloristError
+
+#: Lock file held in a run folder while a florist process writes to it.
+LOCK_NAME = ".florist.lock"
 
 
 @contextmanager
@@ -49,27 +54,59 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomic UTF-8 text write (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Atomic UTF-8 text write (see :func:`atomic_write_bytes`).
+
+    File names that are not valid UTF-8 reach Python as lone surrogates
+    (``os.fsdecode``); they are written back as the original bytes, so a path
+    read from the file again names the same file.
+    """
+    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """JSON that is valid UTF-8 whatever its strings hold.
+
+    Strings holding non-UTF-8 bytes (file names, see :func:`atomic_write_text`)
+    make the whole text use ``\\uXXXX`` escapes, which ``json.loads`` turns back
+    into the same strings.
+    """
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=indent, ensure_ascii=True)
+    return text
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomic, human-readable JSON write."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Atomic, human-readable JSON write (see :func:`json_text`)."""
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
+
+
+def write_csv(f: TextIO, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """CSV with a header row, RFC 4180 quoting and ``\\n`` line ends, so any file name round-trips.
+
+    The csv module quotes fields holding ``\\n`` but, with ``\\n`` line ends, not those
+    holding a lone ``\\r``, which its reader then takes for a line end: such rows are
+    written with every field quoted.
+    """
+    plain = csv.writer(f, lineterminator="\n")
+    quoted = csv.writer(f, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    plain.writerow(header)
+    for row in rows:
+        (quoted if any("\r" in str(v) for v in row) else plain).writerow(row)
 
 
 def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Atomic CSV write with a header row (RFC 4180 quoting, so any file name round-trips)."""
+    """Atomic CSV write (see :func:`write_csv` and :func:`atomic_write_text`)."""
     buf = io.StringIO(newline="")
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    write_csv(buf, header, rows)
     atomic_write_text(path, buf.getvalue())
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
     """Read a CSV written by :func:`atomic_write_csv` into a list of dicts."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
 
 
@@ -85,3 +122,39 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold ``folder/.florist.lock`` while writing into ``folder``; a second writer fails at once.
+
+    Two runs writing one folder would leave a mix of both (the weights of one,
+    the ``model.json`` of the other). The lock is an OS file lock (``filelock``),
+    released by the OS when its process dies, so a killed run never leaves the
+    folder locked.
+
+    Raises:
+        FloristError: another process holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FloristError(
+            f"{folder} is being written by another florist process (it holds {folder / LOCK_NAME}); "
+            "wait for it to finish or use another output folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete temporary files a killed writer left in ``folder`` (call only while holding its lock)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,12 +171,22 @@ def _save_checkpoint(out: Path, net: Network, opt: torch.optim.Optimizer, schedu
 
 
 def load_checkpoint(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The run's checkpoint if it exists and belongs to these settings and data, else None."""
+    """The run's checkpoint if it exists and belongs to these settings and data, else None.
+
+    ``torch.save`` writes a zip archive holding a CRC-32 of every member, which
+    ``torch.load`` does not check: they are checked here first, so a checkpoint
+    damaged on disk is never resumed from. Loading is ``weights_only`` (no pickled
+    code can run).
+    """
     path = out / CHECKPOINT
     if not path.is_file():
         return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        damaged = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        if damaged is not None:
+            raise ValueError(f"checksum mismatch in {damaged}")
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged checkpoint costs the progress it held, never the run
         log.warning("ignoring unreadable checkpoint %s: %s", path, e)
         return None

@@ -46,7 +46,7 @@ def data_hash(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item
     # followed, since a photo may link to a file stored anywhere else.
     rows = sorted((os.path.relpath(os.path.abspath(it.path), root), classes[it.label], it.sha256) for it in items)
     for row in rows:
-        h.update("\t".join(row).encode("utf-8") + b"\n")
+        h.update("\t".join(row).encode("utf-8", errors="surrogateescape") + b"\n")  # any file name
     return h.hexdigest()
 
 

@@ -238,7 +238,8 @@ def encode_example(features: Mapping[str, FeatureValue]) -> bytes:
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         feature = example.features.feature[key]
         if all(isinstance(v, (bytes, str)) for v in values):
-            feature.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else v for v in values)
+            # surrogateescape: a file name that is not UTF-8 keeps its original bytes
+            feature.bytes_list.value.extend(_utf8(v) if isinstance(v, str) else v for v in values)
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             feature.int64_list.value.extend(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -246,6 +247,10 @@ def encode_example(features: Mapping[str, FeatureValue]) -> bytes:
         else:
             raise TypeError(f"feature {key!r}: values must be all bytes/str, all int or all float, got {values!r}")
     return example.SerializeToString(deterministic=True)
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
 
 
 def decode_example(data: bytes) -> dict[str, list]:
@@ -316,8 +321,8 @@ def _parse_image_record(data: bytes, where: str) -> ImageRecord:
     return ImageRecord(
         image=one("image/encoded", bytes),
         label=one("image/class/label", int),
-        text=text.decode("utf-8", errors="replace"),
-        filename=filename.decode("utf-8", errors="replace"),
+        text=text.decode("utf-8", errors="surrogateescape"),  # the names florist wrote, byte for byte
+        filename=filename.decode("utf-8", errors="surrogateescape"),
         height=one("image/height", int, 0),
         width=one("image/width", int, 0),
         format=one("image/format", bytes, b"").decode("ascii", errors="replace"),

@@ -16,8 +16,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +50,7 @@ from .features import (
     merged_errors,
     view_names,
 )
-from .files import atomic_write_json
+from .files import atomic_write_json, folder_lock, remove_stale_temporaries
 from .finetune import CHECKPOINT, FinetuneConfig, fit_finetune
 from .loop import History, average_probabilities, run_steps, tta_top1
 from .predict import Classifier
@@ -336,15 +336,24 @@ def _create_backbones(cfg: TrainConfig) -> list[Backbone]:
     return backbones
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished run unless asked; un-mark it first when overwriting."""
+@contextmanager
+def _claim_out_dir(out_dir: Path, overwrite: bool) -> Iterator[None]:
+    """Lock the run folder for this process; refuse to clobber a finished run unless asked.
+
+    Inside the lock, temporary files of a killed earlier run are removed and a
+    finished run being overwritten is un-marked first.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise FloristError(f"output path exists and is not a folder: {out_dir}")
-    if is_complete(out_dir):
-        if not overwrite:
-            raise FloristError(f"{out_dir} already holds a trained model; use --overwrite or another --out")
-        (out_dir / MODEL_JSON).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_complete(out_dir) and not overwrite:
+        raise FloristError(f"{out_dir} already holds a trained model; use --overwrite or another --out")
+    with folder_lock(out_dir):
+        if is_complete(out_dir):
+            if not overwrite:  # finished by another process since the check above
+                raise FloristError(f"{out_dir} already holds a trained model; use --overwrite or another --out")
+            (out_dir / MODEL_JSON).unlink()
+        remove_stale_temporaries(out_dir)
+        yield
 
 
 def _drop_failed(
@@ -399,13 +408,17 @@ def train(
         raise FloristError(f"--weights must be a local file, got {cfg.weights}")
     joined = dist.init(device)
     try:
+        started = time.perf_counter()
+        backbones = _create_backbones(cfg)  # fail fast on a bad name, before touching out_dir
         # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
         # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
         with (
             remote.local_input(data_dir, siblings=["labels.txt"], root=cache_root) as data,
             remote.local_output(out_dir, fetch=[MODEL_JSON, CHECKPOINT], root=cache_root) as out,
         ):
-            model = _train(data.path, out.path, cfg, device, cache_root, overwrite, resume, verbose)
+            with _claim_out_dir(out.path, overwrite) if dist.is_main() else nullcontext():
+                dist.barrier()
+                model = _train(data.path, out.path, backbones, cfg, device, cache_root, resume, verbose, started)
             if dist.is_main():
                 remote.relocate(out.path, data)
             return model
@@ -428,15 +441,10 @@ class _Run:
 
 
 def _train(
-    data_dir: str | Path, out: Path, cfg: TrainConfig, device: torch.device, cache_dir: str | Path | None,
-    overwrite: bool, resume: bool, verbose: bool,
+    data_dir: str | Path, out: Path, backbones: list[Backbone], cfg: TrainConfig, device: torch.device,
+    cache_dir: str | Path | None, resume: bool, verbose: bool, started: float,
 ) -> Classifier:
-    started = time.perf_counter()
-    backbones = _create_backbones(cfg)  # fail fast on a bad name
     backbone = backbones[0]
-    if dist.is_main():
-        _check_out_dir(out, overwrite)
-    dist.barrier()
     verbose = verbose and dist.is_main()
     timings: dict[str, float] = {}
 
