@@ -253,7 +253,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], root: str | Path | N
     pairs: list[tuple[str, str]] = []
     for raw in inputs:
         if not is_remote(raw):
-            pairs += [(str(p), str(p)) for p in iter_paths([local_path(raw)])]
+            pairs += [(str(p), str(p)) for p in iter_paths([str(local_path(raw))])]
             continue
         with _storage_errors(str(raw)):
             urls = _remote_files(str(raw))
