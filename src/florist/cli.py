@@ -255,7 +255,7 @@ def train(
     elif "top1" in metrics:
         _print_metrics(metrics)
     if not quiet and not json_out:
-        out.print(f"report: {out_dir / 'report.html'}", highlight=False)
+        out.print(f"report: {remote.join(out_dir, 'report.html')}", highlight=False)
 
 
 @app.command()
