@@ -75,7 +75,8 @@ def test_training_steps_report_loss_and_accuracy() -> None:
         optimizer=opt,
         schedule=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
         train_mode=head.train,
-        evaluate=lambda: 0.75,
+        evaluate=lambda: np.eye(2, dtype=np.float32)[[0, 1, 1, 1]],  # 3 of 4 right
+        eval_labels=np.array([1, 1, 1, 1]),
         progress=lambda done, total, **stats: calls.append((done, total, stats)),
     )
     assert [c[0] for c in calls] == list(range(1, 11))

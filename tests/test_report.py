@@ -129,13 +129,15 @@ def test_tensorboard_gets_confusion_matrix_inputs_and_hparams(mixed_run: Path) -
     events = EventAccumulator(str(mixed_run / "tb"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"eval/confusion_matrix", "inputs/clean", "inputs/flip"} <= set(tags["images"])
+    assert {"eval/confusion_matrix", "final/confusion_matrix", "inputs/clean", "inputs/flip"} <= set(tags["images"])
     assert {"loss/train", "top1/eval", "hparam/top1"} <= set(tags["scalars"])
     inputs = events.Images("inputs/clean")[0]
     assert (inputs.width, inputs.height) == (224 * 8, 224)  # 8 training images side by side
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
-    matrix = events.Images("eval/confusion_matrix")[-1]
-    assert matrix.step == json.loads((mixed_run / "metrics.json").read_text())["history"]["step"][-1]
+    epochs = json.loads((mixed_run / "metrics.json").read_text())["history"]["step"]
+    assert len(epochs) > 1
+    assert [m.step for m in events.Images("eval/confusion_matrix")] == epochs  # one per eval, as it trains
+    assert [m.step for m in events.Images("final/confusion_matrix")] == epochs[-1:]  # the kept weights
 
 
 @pytest.mark.skipif(

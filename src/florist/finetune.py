@@ -38,7 +38,7 @@ from torch import nn
 from . import distributed as dist
 from .features import AUGMENT, normalize_pixels, view_seed
 from .files import atomic_write_bytes
-from .loop import History, average_probabilities, run_steps, warmup_cosine
+from .loop import Board, History, average_probabilities, run_steps, warmup_cosine
 from .progress import ProgressFn
 from .tune import TopConfig, freeze_bn_stats
 
@@ -247,7 +247,7 @@ def fit_finetune(
     eval_y: np.ndarray | None = None,
     out: Path | None = None,
     resume: bool = False,
-    writer: Any = None,
+    board: Board | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[History, np.ndarray, dict[str, Any]]:
     """Fine-tune ``backbone`` and ``head`` in place on random views of ``squares``.
@@ -301,11 +301,10 @@ def fit_finetune(
         net.train()
         freeze_bn_stats(net)
 
-    def evaluate() -> float:
+    def evaluate() -> np.ndarray:
         if eval_y is None or not len(eval_y) or not len(eval_pixels):
-            return float("nan")
-        probs = evaluate_pixels(net, eval_pixels, device, cfg.bf16)
-        return float(np.mean(probs.argmax(1) == eval_y))
+            return np.zeros((0, 0), dtype=np.float32)
+        return evaluate_pixels(net, eval_pixels, device, cfg.bf16)
 
     loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
     history = run_steps(
@@ -319,7 +318,8 @@ def fit_finetune(
         schedule=schedule,
         train_mode=train_mode,
         evaluate=evaluate,
-        writer=writer if dist.is_main() else None,
+        eval_labels=eval_y,
+        board=board if dist.is_main() else None,
         progress=progress,
         history=history,
         on_epoch=tracker,

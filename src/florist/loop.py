@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,18 +29,29 @@ class History:
     eval_top1: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
 
-    def add(self, step: int, loss: float, train_top1: float, eval_top1: float, lr: float, writer: Any = None) -> None:
-        """Append one point (and log it when a TensorBoard ``writer`` is given)."""
+    def add(self, step: int, loss: float, train_top1: float, eval_top1: float, lr: float) -> None:
+        """Append one point."""
         for name, value in zip(
             ("step", "loss", "train_top1", "eval_top1", "lr"), (step, loss, train_top1, eval_top1, lr)
         ):
             getattr(self, name).append(value)
-        if writer is not None:
-            writer.add_scalar("loss/train", loss, step)
-            writer.add_scalar("top1/train", train_top1, step)
-            writer.add_scalar("lr", lr, step)
-            if not math.isnan(eval_top1):
-                writer.add_scalar("top1/eval", eval_top1, step)
+
+
+class Board(Protocol):
+    """Where a run's live curves go (TensorBoard in practice: :class:`florist.report.Board`)."""
+
+    def epoch(self, step: int, loss: float, train_top1: float, eval_top1: float, lr: float) -> None:
+        """Log one epoch's point of the curves."""
+
+    def confusion(self, step: int, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        """Log the held-out confusion matrix measured at ``step``."""
+
+
+def top1(probs: np.ndarray | None, labels: np.ndarray | None) -> float:
+    """Share of rows of ``probs`` whose argmax is the label (NaN when there is nothing to score)."""
+    if probs is None or labels is None or not len(labels) or not len(probs):
+        return float("nan")
+    return float(np.mean(probs.argmax(1) == labels))
 
 
 def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -76,8 +87,9 @@ def run_steps(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     train_mode: Callable[[], None],
-    evaluate: Callable[[], float] | None = None,
-    writer: Any = None,
+    evaluate: Callable[[], np.ndarray] | None = None,
+    eval_labels: np.ndarray | None = None,
+    board: Board | None = None,
     progress: ProgressFn | None = None,
     history: History | None = None,
     on_epoch: Callable[[History], bool] | None = None,
@@ -91,7 +103,9 @@ def run_steps(
         total_steps: optimisation steps (the last epoch may be partial).
         seed: seeds the shuffling (same seed -> same order).
         train_mode: puts the trained modules in training mode before each epoch.
-        evaluate: returns held-out top-1 after each epoch (NaN when there is none).
+        evaluate: returns held-out (TTA-averaged) probabilities ``[M, classes]`` after
+            each epoch, scored against ``eval_labels``.
+        board: gets the curves after every epoch and the confusion matrix after every eval.
         history: curves of a run being resumed; its last ``step`` is where training
             continues, with the shuffling order an uninterrupted run would have had.
         on_epoch: called with the curves after each epoch; returning True stops training.
@@ -124,9 +138,13 @@ def run_steps(
             if progress:  # the epoch's running loss and top-1, the last epoch's held-out top-1
                 last_eval = history.eval_top1[-1] if history.eval_top1 else float("nan")
                 progress(step, total_steps, loss=float(np.mean(losses)), top1=correct / seen, eval_top1=last_eval)
-        eval_top1 = evaluate() if evaluate else float("nan")
-        lr = optimizer.param_groups[-1]["lr"]
-        history.add(step, float(np.mean(losses)), correct / max(1, seen), eval_top1, lr, writer)
+        probs = evaluate() if evaluate else None
+        point = (step, float(np.mean(losses)), correct / max(1, seen), top1(probs, eval_labels))
+        history.add(*point, optimizer.param_groups[-1]["lr"])
+        if board is not None:
+            board.epoch(*point, optimizer.param_groups[-1]["lr"])
+            if not math.isnan(point[-1]):
+                board.confusion(step, eval_labels, probs.argmax(1))  # type: ignore[arg-type, union-attr]
         if on_epoch and on_epoch(history):
             break
     return history
@@ -155,11 +173,3 @@ def average_probabilities(
         total = probs if total is None else total + probs
     return (total / len(views)).numpy()
 
-
-def tta_top1(
-    forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[np.ndarray], labels: np.ndarray | None
-) -> float:
-    """Top-1 of :func:`average_probabilities` against ``labels`` (NaN when there is nothing to score)."""
-    if labels is None or not len(labels) or not len(views):
-        return float("nan")
-    return float(np.mean(average_probabilities(forward, views).argmax(1) == labels))

@@ -404,12 +404,50 @@ def finish_run(run_dir: str | Path, eval_probs: np.ndarray) -> Path:
     return path
 
 
+class Board:
+    """TensorBoard log written during training: the curves after every epoch and the
+    held-out confusion matrix after every eval, so a run can be watched while it trains.
+
+    Implements :class:`florist.loop.Board`; use as a context manager to close the log.
+    """
+
+    def __init__(self, log_dir: str | Path, classes: list[str]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.classes = classes
+
+    def epoch(self, step: int, loss: float, train_top1: float, eval_top1: float, lr: float) -> None:
+        """Scalars of one epoch (no eval top-1 when there was no eval)."""
+        self.writer.add_scalar("loss/train", loss, step)
+        self.writer.add_scalar("top1/train", train_top1, step)
+        self.writer.add_scalar("lr", lr, step)
+        if not np.isnan(eval_top1):
+            self.writer.add_scalar("top1/eval", eval_top1, step)
+
+    def confusion(self, step: int, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        """The confusion matrix of this eval, drawn like ``confusion_matrix.png``."""
+        from sklearn.metrics import confusion_matrix
+
+        matrix = confusion_matrix(y_true, y_pred, labels=range(len(self.classes))).tolist()
+        png = confusion_matrix_png(matrix, self.classes)
+        self.writer.add_image("eval/confusion_matrix", _png_array(png), step, dataformats="HWC")
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.close()
+
+
 def log_to_tensorboard(run_dir: str | Path) -> None:
     """Add the final confusion matrix, sample training inputs and the hyperparameters to ``RUN_DIR/tb``.
 
-    The scalars (loss, top-1, learning rate) are logged during training; this adds
-    what only exists at the end, in a new event file of the same log folder. The
-    confusion matrix is the ``confusion_matrix.png`` :func:`write_report` wrote.
+    The curves and each eval's confusion matrix are logged during training
+    (:class:`Board`); this adds what only exists at the end, in a new event file of
+    the same log folder. The final confusion matrix, of the weights the run kept
+    (``--keep best`` may keep an earlier epoch), is the ``confusion_matrix.png``
+    :func:`write_report` wrote.
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -422,7 +460,7 @@ def log_to_tensorboard(run_dir: str | Path) -> None:
     with SummaryWriter(log_dir=str(run / "tb")) as writer:
         if (run / CONFUSION_PNG).is_file():
             writer.add_image(
-                "eval/confusion_matrix", _png_array(run / CONFUSION_PNG), step, dataformats="HWC"
+                "final/confusion_matrix", _png_array((run / CONFUSION_PNG).read_bytes()), step, dataformats="HWC"
             )
         preprocessing = model.get("preprocessing") or []
         if preprocessing:
@@ -441,10 +479,10 @@ def log_to_tensorboard(run_dir: str | Path) -> None:
         writer.add_hparams(hparams, final, run_name=".", global_step=step)
 
 
-def _png_array(path: Path) -> np.ndarray:
+def _png_array(png: bytes) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(png)) as image:
         return np.asarray(image.convert("RGB"))
 
 

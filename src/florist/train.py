@@ -52,7 +52,7 @@ from .features import (
 )
 from .files import atomic_write_json, folder_lock, remove_stale_temporaries
 from .finetune import CHECKPOINT, FinetuneConfig, fit_finetune
-from .loop import History, average_probabilities, run_steps, tta_top1
+from .loop import Board, History, average_probabilities, run_steps
 from .predict import Classifier
 from .progress import ProgressFn, progress_bar
 from .runinfo import run_info
@@ -268,7 +268,7 @@ def fit_head(
     *,
     eval_x: Sequence[np.ndarray] = (),
     eval_y: np.ndarray | None = None,
-    writer: Any = None,
+    board: Board | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[nn.Module, History]:
     """Train a linear head on feature arrays; deterministic for a given ``cfg.seed``.
@@ -279,7 +279,7 @@ def fit_head(
         cfg: hyperparameters; those left unset take head-mode defaults, whatever ``cfg.mode``.
         eval_x, eval_y: optional held-out features, one array per test-time view (their
             probabilities are averaged); only measured, never used to choose anything.
-        writer: optional TensorBoard ``SummaryWriter``.
+        board: optional live log of the curves and confusion matrices (TensorBoard).
         progress: optional ``progress(done, total, **stats)`` over steps (see :func:`~florist.loop.run_steps`).
     """
     cfg = replace(cfg, mode="head").validate()  # unset settings take head-mode defaults
@@ -292,9 +292,9 @@ def fit_head(
     opt, schedule = _make_optimizer(head, cfg)
     total = cfg.steps or math.ceil(len(y) / cfg.batch_size) * cfg.resolved_epochs
 
-    def evaluate() -> float:
+    def evaluate() -> np.ndarray:
         head.eval()
-        return tta_top1(head, eval_x, eval_y)
+        return average_probabilities(head, eval_x)
 
     history = run_steps(
         lambda batch: head(x[batch]),
@@ -307,7 +307,8 @@ def fit_head(
         schedule=schedule,
         train_mode=head.train,
         evaluate=evaluate,
-        writer=writer,
+        eval_labels=eval_y,
+        board=board,
         progress=progress,
     )
     head.eval()
@@ -434,7 +435,7 @@ class _Run:
     out: Path
     cache_root: Path
     device: torch.device
-    writer: Any  # TensorBoard SummaryWriter, or None in processes other than rank 0
+    board: Board | None  # TensorBoard log, or None in processes other than rank 0
     verbose: bool
     resume: bool
     timings: dict[str, float]
@@ -463,10 +464,10 @@ def _train(
         log.warning(message)
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    from torch.utils.tensorboard import SummaryWriter
+    from .report import Board as TensorBoard
 
-    with SummaryWriter(log_dir=str(out / "tb")) if dist.is_main() else nullcontext() as writer:
-        run = _Run(out, cache_root, device, writer, verbose, resume, timings)
+    with TensorBoard(out / "tb", prepared.classes) if dist.is_main() else nullcontext() as board:
+        run = _Run(out, cache_root, device, board, verbose, resume, timings)
         fitted = FIT[cfg.resolved_mode](backbones, prepared, cfg, run)
     if not dist.is_main():
         dist.barrier()  # rank 0 writes the run folder
@@ -623,7 +624,7 @@ def _fit_head_mode(backbones: list[Backbone], prepared: Prepared, cfg: TrainConf
             cfg,
             eval_x=eval_x,
             eval_y=_labels(kept["eval"]),
-            writer=run.writer,
+            board=run.board,
             progress=bar,
         )
     run.timings["train_s"] = time.perf_counter() - t
@@ -665,7 +666,7 @@ def _fit_tune_top(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfi
             top_cfg,
             eval_acts=eval_acts,
             eval_y=_labels(kept["eval"]),
-            writer=run.writer,
+            board=run.board,
             progress=bar,
         )
     run.timings["train_s"] = time.perf_counter() - t
@@ -733,7 +734,7 @@ def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfi
             eval_y=_labels(kept["eval"]),
             out=run.out,
             resume=run.resume,
-            writer=run.writer,
+            board=run.board,
             progress=bar,
         )
     run.timings["train_s"] = time.perf_counter() - t

@@ -20,7 +20,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import FloristError
-from .loop import History, average_probabilities, run_steps, tta_top1, warmup_cosine
+from .loop import Board, History, average_probabilities, run_steps, warmup_cosine
 from .progress import ProgressFn
 
 
@@ -160,7 +159,7 @@ def fit_top(
     *,
     eval_acts: Sequence[np.ndarray] = (),
     eval_y: np.ndarray | None = None,
-    writer: Any = None,
+    board: Board | None = None,
     progress: ProgressFn | None = None,
 ) -> History:
     """Train ``split.top`` and ``head`` together on cached activations, in place.
@@ -196,10 +195,8 @@ def fit_top(
         head.train()
         freeze_bn_stats(top)
 
-    def evaluate() -> float:
-        top.eval()
-        head.eval()
-        return tta_top1(_top_forward(top, head), eval_acts, eval_y)
+    def evaluate() -> np.ndarray:
+        return evaluate_top(top, head, eval_acts)
 
     history = run_steps(
         forward,
@@ -212,7 +209,8 @@ def fit_top(
         schedule=schedule,
         train_mode=train_mode,
         evaluate=evaluate,
-        writer=writer,
+        eval_labels=eval_y,
+        board=board,
         progress=progress,
     )
     top.eval()
