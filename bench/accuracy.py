@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from readme_table import update_readme  # bench/readme_table.py
 
 import florist
 
@@ -96,16 +97,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: Path) -> None:
-    start, end = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
-    content = readme.read_text()
-    if start not in content:
-        return
-    before, rest = content.split(start, 1)
-    _, after = rest.split(end, 1)
-    readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
@@ -114,7 +105,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="rebuild the README table from --out")
     args = parser.parse_args()
     if args.table_only:
-        update_readme(table(json.loads(args.out.read_text())["results"]), ROOT / "README.md")
+        update_readme("accuracy-table", table(json.loads(args.out.read_text())["results"]), ROOT / "README.md")
         return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
@@ -140,7 +131,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    update_readme(table(results), ROOT / "README.md")
+    update_readme("accuracy-table", table(results), ROOT / "README.md")
     print(table(results))
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from readme_table import update_readme  # bench/readme_table.py
 from torch.utils.data import DataLoader, Dataset
 
 import florist
@@ -56,7 +57,7 @@ from florist.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flower_photos"
 OUT = ROOT / "bench" / "results" / "speed.json"
-BATCH_SIZES = (16, 32, 64, 128)
+BATCH_SIZES = (8, 16, 32, 64, 128)
 #: The naive baseline's settings (the issue's measurement: batch 64, 2 workers).
 NAIVE_BATCH, NAIVE_WORKERS = 64, 2
 
@@ -346,16 +347,6 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: Path) -> None:
-    start, end = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
-    content = readme.read_text()
-    if start not in content:
-        return
-    before, rest = content.split(start, 1)
-    _, after = rest.split(end, 1)
-    readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
-
-
 def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
     """Run every measurement in turn; progress lines go to stderr."""
 
@@ -413,7 +404,7 @@ def main() -> None:
         print(json.dumps(peak_rss_child(list_images(args.data, args.images) * args.rss_child)))
         return
     if args.table_only:
-        update_readme(table(json.loads(args.out.read_text())), ROOT / "README.md")
+        update_readme("speed-table", table(json.loads(args.out.read_text())), ROOT / "README.md")
         return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
@@ -449,7 +440,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.out.resolve() == OUT:  # the README shows the committed results only
-        update_readme(table(report), ROOT / "README.md")
+        update_readme("speed-table", table(report), ROOT / "README.md")
 
 
 if __name__ == "__main__":

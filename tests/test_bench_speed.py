@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
 
 @pytest.fixture(scope="module")
 def speed():
+    sys.path.insert(0, str(SCRIPT.parent))  # as `python bench/speed.py` would, for bench/readme_table.py
     spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.path.remove(str(SCRIPT.parent))
 
 
 def test_images_are_listed_in_florists_order_and_spread_when_limited(speed, photos: Path) -> None:
@@ -58,7 +61,7 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tmp_path: Path)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- speed-table:start -->\nold\n<!-- speed-table:end -->\nend\n")
     text = speed.table({"results": results, "summary": summary, "head_top1_from_accuracy_bench": speed.cited_accuracy()})
-    speed.update_readme(text, readme)
+    speed.update_readme("speed-table", text, readme)
     content = readme.read_text()
     assert "old" not in content and "| c / d |" in content and content.endswith("end\n")
 
