@@ -767,3 +767,41 @@ def test_prepare_real_flower_photos(tmp_path):
     assert len(prepared.train) == 1200 and len(prepared.eval) == 300
     assert Counter(it.label for it in prepared.eval) == {i: 60 for i in range(5)}
     assert not {it.path for it in prepared.train} & {it.path for it in prepared.eval}
+
+
+# ---------------------------------------------------------------------------
+# remembered checks
+# ---------------------------------------------------------------------------
+
+
+def test_a_rescan_reuses_remembered_verdicts_until_a_file_changes(tmp_path):
+    root = im.make_class_folders(tmp_path / "photos", TWO, n=4)
+    (root / "red" / "broken.jpg").write_bytes(b"not an image")
+    memo = tmp_path / "cache" / "checks.json"
+    first = scan(root, check_memo=memo)
+    assert memo.is_file()
+
+    with mock.patch("florist.data.check_file", side_effect=AssertionError("read again")):
+        again = scan(root, check_memo=memo)  # nothing changed: no file is read
+    assert again == first and [s.reason for s in again.skipped] == [s.reason for s in first.skipped]
+
+    changed = root / "blue" / sorted(os.listdir(root / "blue"))[0]
+    Image.new("RGB", (40, 30), (120, 200, 40)).save(changed, "JPEG")
+    fixed = root / "red" / "broken.jpg"
+    Image.new("RGB", (40, 30), RED).save(fixed, "JPEG")
+    rescanned = scan(root, check_memo=memo)
+    assert rescanned.skipped == []  # the repaired file is checked again
+    sha = {it.path: it.sha256 for it in rescanned.items}
+    assert sha[str(changed)] == hashlib.sha256(changed.read_bytes()).hexdigest() != {
+        it.path: it.sha256 for it in first.items
+    }[str(changed)]
+    assert scan(root) == rescanned  # and the same as checking everything afresh
+
+
+def test_a_damaged_check_memo_means_checking_afresh(tmp_path):
+    root = im.make_class_folders(tmp_path / "photos", TWO, n=2)
+    memo = tmp_path / "checks.json"
+    memo.write_text("{not json")
+    assert scan(root, check_memo=memo) == scan(root)
+    memo.write_text('{"x": 1}')
+    assert scan(root, check_memo=memo) == scan(root)

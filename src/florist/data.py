@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import math
 import os
 import random
@@ -32,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import remote
 from .errors import FloristError
-from .files import atomic_write_csv, atomic_write_text, read_csv, sha256_bytes
+from .files import atomic_write_csv, atomic_write_text, json_text, read_csv, sha256_bytes
 from .progress import ProgressFn
 
 T = TypeVar("T")
@@ -289,6 +290,75 @@ def check_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     return check_bytes(read_file(path), max_pixels)
 
 
+class CheckMemo:
+    """Verdicts of earlier checks, so a re-run does not read and decode every photo again.
+
+    A verdict (the file's SHA-256, or why it is unusable) is reused only while the
+    file's identity is unchanged: same device, inode, size and modification time
+    (what ``make`` and ``rsync`` trust), and the same pixel limit. Checking the
+    1,500 flower photos takes about a second; looking them up takes a few stat
+    calls. A missing, corrupt or foreign memo file just means checking afresh.
+    """
+
+    def __init__(self, path: str | Path | None, max_pixels: int):
+        self.path = Path(path) if path else None
+        self.max_pixels = max_pixels
+        self.known: dict[str, list] = {}
+        self.fresh: dict[str, list] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                self.known = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                pass
+
+    def _identity(self, path: Path) -> list:
+        st = path.stat()
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self.max_pixels]
+
+    def wrap(self, check: Callable[[Path], str]) -> Callable[[Path], str]:
+        """``check`` with its verdicts remembered (files that cannot even be stat'ed are always checked)."""
+        if self.path is None:
+            return check
+
+        def remembered(path: Path) -> str:
+            try:
+                identity = self._identity(path)
+            except OSError:
+                return check(path)
+            entry = self.known.get(str(path))
+            if entry and entry[0] == identity:
+                if entry[1] == "ok":
+                    return entry[2]
+                raise BadImage(entry[2])
+            try:
+                sha = check(path)
+            except BadImage as e:
+                self.fresh[str(path)] = [identity, "bad", str(e)]
+                raise
+            self.fresh[str(path)] = [identity, "ok", sha]
+            return sha
+
+        return remembered
+
+    def save(self) -> None:
+        """Write the verdicts of this check (atomically) when something new was learnt."""
+        if self.path is None or not self.fresh:
+            return
+        entries = {**self.known, **self.fresh}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json_text(entries))
+        except OSError as e:  # a read-only cache costs speed, never the run
+            warnings.warn(f"could not save image checks to {self.path}: {e}", stacklevel=2)
+
+
+def check_memo_file(cache_root: str | Path, data_dir: str | Path) -> Path:
+    """Where :class:`CheckMemo` keeps the verdicts on ``data_dir``'s files: one file per folder."""
+    key = sha256_bytes(os.fsencode(os.path.abspath(data_dir)))[:24]
+    return Path(cache_root) / "checks" / f"{key}.json"
+
+
 def scan(
     data_dir: str | Path,
     *,
@@ -296,6 +366,7 @@ def scan(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    check_memo: str | Path | None = None,
 ) -> Dataset:
     """Find classes and validate every image under ``data_dir``.
 
@@ -306,6 +377,8 @@ def scan(
         max_pixels: per-image pixel limit.
         workers: threads used to read and decode (Pillow releases the GIL).
         progress: called as ``progress(done, total)`` while files are checked.
+        check_memo: a JSON file remembering earlier verdicts (see :class:`CheckMemo`);
+            None checks every file afresh.
 
     Raises:
         FloristError: missing folder, no class folders, unknown class folders.
@@ -325,7 +398,9 @@ def scan(
             )
         class_names = list(classes)
     candidates = class_files(root, folders, class_names)
-    results = check_all(lambda p: check_file(p, max_pixels), [p for _, p in candidates], workers, progress)
+    memo = CheckMemo(check_memo, max_pixels)
+    results = check_all(memo.wrap(lambda p: check_file(p, max_pixels)), [p for _, p in candidates], workers, progress)
+    memo.save()
     index = {name: i for i, name in enumerate(class_names)}
     items: list[Item] = []
     skipped: list[Skipped] = []
@@ -570,6 +645,7 @@ def prepare(
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressFn | None = None,
+    check_memo: str | Path | None = None,
 ) -> Prepared:
     """Scan, validate and split a photo folder; write the manifests when ``out_dir`` is given.
 
@@ -582,7 +658,7 @@ def prepare(
         ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
     """
     with remote.local_input(data_dir) as data:
-        ds = scan(data.path, max_pixels=max_pixels, progress=progress)
+        ds = scan(data.path, max_pixels=max_pixels, progress=progress, check_memo=check_memo)
         prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
         prepared.warnings.extend(duplicate_warnings(ds, data.path))
         if out_dir is not None:

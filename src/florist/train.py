@@ -38,7 +38,7 @@ from .bundle import (
     linear_head_spec,
     save_bundle,
 )
-from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, prepare, write_manifests
+from .data import DEFAULT_MAX_PIXELS, Item, Prepared, Skipped, check_memo_file, prepare, write_manifests
 from .distributed import pick_device
 from .errors import FloristError
 from .evaluate import compute_metrics
@@ -449,21 +449,19 @@ def _train(
     verbose = verbose and dist.is_main()
     timings: dict[str, float] = {}
 
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     t = time.perf_counter()
+    split = dict(eval_fraction=cfg.eval_fraction, train_per_class=cfg.train_per_class, seed=cfg.seed)
     with progress_bar("Checking images", enabled=verbose) as bar:
-        prepared = (prepare_records if is_record_data(data_dir) else prepare)(
-            data_dir,
-            eval_fraction=cfg.eval_fraction,
-            train_per_class=cfg.train_per_class,
-            seed=cfg.seed,
-            max_pixels=cfg.max_pixels,
-            progress=bar,
-        )
+        if is_record_data(data_dir):
+            prepared = prepare_records(data_dir, **split, max_pixels=cfg.max_pixels, progress=bar)
+        else:
+            memo = check_memo_file(cache_root, data_dir) if dist.is_main() else None  # one writer
+            prepared = prepare(data_dir, **split, max_pixels=cfg.max_pixels, progress=bar, check_memo=memo)
     timings["prepare_s"] = time.perf_counter() - t
     for message in prepared.warnings if dist.is_main() else ():
         log.warning(message)
 
-    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     from .report import Board as TensorBoard
 
     with TensorBoard(out / "tb", prepared.classes) if dist.is_main() else nullcontext() as board:
