@@ -14,6 +14,7 @@ EfficientNet-Lite0 a few thousand requests would take minutes on two cores.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -124,7 +125,8 @@ class Load:
         return time.perf_counter() - started
 
 
-def test_thousands_of_mixed_requests(tiny_onnx: Path, tmp_path: Path) -> None:
+def test_thousands_of_mixed_requests(tiny_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="httpx")  # not a log record per request in this process
     good, bad = bodies(tmp_path)
     with florist_serve(tiny_onnx, "--max-mb", "1") as server:
         process = psutil.Process(server.process.pid)
