@@ -4,7 +4,8 @@ Protocol: the server runs in its own process (``florist serve MODEL --port P``);
 a client posts real photos (JPEG bytes, raw body) from the run's eval split,
 round-robin, from 1 and then 8 threads (keep-alive connections), after a few
 warm-up requests. Requests/s is completed requests over wall time; latency is
-per request, as the client sees it (upload, decode, preprocessing, model, JSON).
+per request, as the client sees it (upload, decode, preprocessing, model, JSON);
+``server_rss_mib`` is the server process's resident memory after each row.
 Client and server share the machine's CPUs.
 
 Writes ``bench/results/serve.json``.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve.json"
@@ -133,10 +135,12 @@ def main() -> None:
         results = []
         for backend, model in (("pytorch", args.run), ("onnx", onnx_path)):
             process, url = start_server(model)
+            server = psutil.Process(process.pid)
             try:
                 run_load(url, images, 4, 1)  # warm-up
                 for c in (int(x) for x in args.concurrency.split(",")):
                     row = {"backend": backend, **run_load(url, images, args.requests, c)}
+                    row["server_rss_mib"] = round(server.memory_info().rss / 2**20, 1)  # after the row
                     print(json.dumps(row))
                     results.append(row)
             finally:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -21,13 +22,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import images as im  # tests/images.py
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 import florist
 from florist.cli import app
-from florist.data import prepare, read_labels, read_manifest
-from florist.files import read_csv
+from florist.data import MANIFEST_HEADER, prepare, read_labels, read_manifest
+from florist.export import PARITY_TOLERANCE
+from florist.files import atomic_write_csv, read_csv
+from florist.serve import DEFAULT_MAX_BYTES, create_app, load_model
 from florist.tfrecord import prepare_tfrecords, read_tfrecords
 
 runner = CliRunner()
@@ -185,3 +190,117 @@ def test_cli_predict_table_shows_markup_like_names(corpus: im.Corpus, corpus_run
     result = runner.invoke(app, ["predict", str(corpus_run), str(path.parent)])
     assert result.exit_code == 0, result.output
     assert "[/x]" in result.stdout  # printed, not taken for (broken) markup
+
+
+def test_audit(corpus: im.Corpus) -> None:
+    report = florist.audit(corpus.root)
+    assert report.n_files == len(corpus.good) + len(corpus.bad)
+    assert report.classes == dict(sorted(Counter(map(corpus.class_of, corpus.good)).items()))
+    assert_reported_once(corpus, [(str(corpus.root / f.path), f.reason) for f in report.unreadable])
+    bad = {str(p) for p in corpus.bad}
+    mentioned = [f.path for f in report.odd] + [t.path for t in report.tiny]
+    mentioned += [p for group in report.exact_duplicates + report.near_duplicates for p in group.paths]
+    assert not {str(corpus.root / p) for p in mentioned} & bad, "a bad file is only listed as unusable"
+    assert "loose.jpg" in [f.path for f in report.odd]  # outside any class folder: the one ignored file named
+    assert f"{len(corpus.bad)} file(s) cannot be used (corrupt, empty or not images)" in report.warnings
+
+
+def test_cli_audit(corpus: im.Corpus) -> None:
+    """``--json`` is valid UTF-8 whatever the names; the table prints every name as it is; exit status 0."""
+    result = runner.invoke(app, ["audit", str(corpus.root), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout_bytes.decode("utf-8"))  # strict: non-UTF-8 names come out as escapes
+    assert data == json.loads(json.dumps(florist.audit(corpus.root).to_dict()))
+    assert_reported_once(corpus, [(str(corpus.root / f["path"]), f["reason"]) for f in data["unreadable"]])
+
+    # Every row, wide enough that no name is folded over two lines.
+    result = runner.invoke(app, ["audit", str(corpus.root), "--limit", "1000"], env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout_bytes
+    assert "[/x] markup.jpg".encode() in text  # a name is printed, not taken for markup
+    for path in corpus.bad:
+        assert path.name.encode() in text
+    if sys.platform == "linux":
+        assert b"latin-1 caf\xe9.jpg" in text  # the name's own bytes, as ls prints it
+    assert f"{len(corpus.bad)} file(s) cannot be used".encode() in text
+
+
+@pytest.fixture(scope="module")
+def corpus_onnx(corpus: im.Corpus, corpus_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """``florist export`` of a copy of :func:`corpus_run` whose eval split lists every corpus file.
+
+    The parity check reads real images from the eval split: here it meets every odd
+    name (non-UTF-8 bytes, line breaks...) and every bad file, which it must pass over.
+    Returns the ONNX file and the ``--json`` export report.
+    """
+    folder = tmp_path_factory.mktemp("corpus-export")
+    run = shutil.copytree(corpus_run, folder / "run", symlinks=True)
+    everything = sorted([*corpus.good, *corpus.bad], key=str)
+    atomic_write_csv(run / "eval.csv", MANIFEST_HEADER, [(str(p), corpus.class_of(p), "") for p in everything])
+    onnx = folder / "corpus.onnx"
+    result = runner.invoke(app, ["export", str(run), "--out", str(onnx), "--check-images", "1000", "--json"])
+    assert result.exit_code == 0, result.output
+    return onnx, json.loads(result.stdout)
+
+
+def test_export(corpus: im.Corpus, corpus_run: Path, corpus_onnx: tuple[Path, dict]) -> None:
+    onnx, report = corpus_onnx
+    assert (report["check_source"], report["check_images"]) == ("eval.csv", len(corpus.good))
+    assert report["max_abs_diff"] <= PARITY_TOLERANCE
+    model = florist.load(onnx)
+    assert model.classes == corpus.classes
+    predictions = model.predict(corpus.class_folders(), top_k=2)
+    assert sorted(p.path for p in predictions) == sorted(map(str, [*corpus.good, *corpus.bad]))
+    assert_reported_once(corpus, [(p.path, p.error) for p in predictions if p.error])
+    # The same probabilities as the PyTorch classifier of the run, computed in fp32 like the export.
+    reference = florist.load(corpus_run)
+    for backbone in reference.backbones:
+        backbone.bf16 = False
+    expected, errors = reference.predict_proba(corpus.good)
+    got, onnx_errors = model.predict_proba(corpus.good)
+    assert errors == onnx_errors == {}
+    diff = float(np.abs(got - expected).max())
+    print(f"ONNX vs PyTorch on {len(corpus.good)} corpus images: max abs probability diff {diff:.2e}")
+    assert diff <= PARITY_TOLERANCE
+
+
+def _readable(path: Path) -> bool:
+    """Whether a client could read the file's bytes to upload them (without blocking: a pipe is not)."""
+    return path.is_file() and os.access(path, os.R_OK)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "onnx"])
+def test_serve(corpus: im.Corpus, corpus_run: Path, corpus_onnx: tuple[Path, dict], backend: str) -> None:
+    """Every corpus file posted as the raw body: good ones 200 with the model's own answer, bad ones 4xx.
+
+    Files whose bytes cannot be read at all (link loops, broken links, a link to a
+    folder, a named pipe, no read permission) never reach a server: a client fails
+    to read them first, so there is nothing to post. They are the bad files whose
+    reason is about the file system, not the content.
+    """
+    model = load_model(corpus_run if backend == "pytorch" else corpus_onnx[0])
+    unreadable = [p for p in corpus.bad if not _readable(p)]
+    assert all(_readable(p) for p in corpus.good)
+    for path in unreadable:
+        assert re.search("symbolic link|not a regular file|permission denied|cannot be listed", corpus.bad[path])
+    expected, _ = model.predict_proba(corpus.good)  # the same model through the Python API
+    with TestClient(create_app(model)) as client:
+        for path, probs in zip(corpus.good, expected):
+            response = client.post("/predict", content=path.read_bytes())
+            assert response.status_code == 200, (path, response.text)
+            answer = {t["label"]: t["probability"] for t in response.json()["top_k"]}
+            # bf16 kernels (the PyTorch back end of a bf16 run) may round differently per batch size
+            assert answer == pytest.approx(dict(zip(model.classes, probs.tolist())), abs=2e-3), path
+        for path in sorted(set(corpus.bad) - set(unreadable)):
+            data = path.read_bytes()
+            response = client.post("/predict", content=data)
+            error = response.json()["error"]
+            assert "\n" not in error and len(error) < 200, "one short line"
+            if not data:
+                assert response.status_code == 400 and "empty request" in error
+            elif len(data) > DEFAULT_MAX_BYTES:
+                assert response.status_code == 413 and "20 MB limit" in error
+            else:
+                assert response.status_code == 415, (path, response.text)
+                assert re.search(corpus.bad[path], error.lower()), (path, error)
+        assert client.get("/health").json()["status"] == "ok"

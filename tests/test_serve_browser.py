@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import images as im  # tests/images.py
 import pytest
+from servers import florist_serve  # tests/servers.py
 
 from florist.report import CHROMIUM_FLAGS
 
@@ -47,32 +44,8 @@ def _require_browser() -> None:
 @pytest.fixture(scope="module")
 def server(exported_onnx: Path) -> Iterator[str]:
     """`florist serve model.onnx` in a subprocess on a free loopback port; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "florist", "serve", str(exported_onnx), "--port", str(port), "--quiet"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"server did not start: {process.communicate()[0][-2000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with florist_serve(exported_onnx) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

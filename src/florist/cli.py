@@ -69,6 +69,12 @@ def _setup_output() -> None:
             pass
 
 
+def _print_json(data: Any) -> None:
+    """``--json`` output: indented, and valid UTF-8 even when file names are not (see :func:`json_text`)."""
+    sys.stdout.write(json_text(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into one line on stderr and exit status 2 (130 on Ctrl-C).
 
@@ -252,7 +258,7 @@ def train(
         return
     metrics = json.loads(remote.read_bytes(remote.join(out_dir, "metrics.json")))
     if json_out:
-        out.print_json(data=metrics)
+        _print_json(metrics)
     elif "top1" in metrics:
         _print_metrics(metrics)
     if not quiet and not json_out:
@@ -277,7 +283,7 @@ def evaluate(
     with progress_bar("Evaluating", enabled=not quiet and not json_out) as bar:
         metrics = run_evaluate(run_dir, data_dir, progress=bar)
     if json_out:
-        out.print_json(data=metrics)
+        _print_json(metrics)
     else:
         _print_metrics(metrics)
 
@@ -358,7 +364,7 @@ def audit(
     with progress_bar("Auditing images", enabled=not quiet and not json_out) as bar:
         report = run_audit(data_dir, near_distance=near_distance, min_side=min_side, progress=bar)
     if json_out:
-        out.print_json(data=report.to_dict())
+        _print_json(report.to_dict())
     else:
         _print_audit(report, limit)
 
@@ -388,7 +394,7 @@ def export(
             progress=bar,
         )
     if json_out:
-        out.print_json(data=report.to_dict())
+        _print_json(report.to_dict())
     elif not quiet:
         for line in report.summary():
             out.print(line, highlight=False)
@@ -410,15 +416,18 @@ def report(
 
 
 def _print_audit(report: Any, limit: int) -> None:
-    """Per-class counts, one table row per problem (at most ``limit`` of each kind), then the warnings."""
+    """Per-class counts, one table row per problem (at most ``limit`` of each kind), then the warnings.
+
+    Names and reasons are escaped: a file named ``[/x].jpg`` is printed, not taken for markup.
+    """
     out.print(
-        f"{report.root}: {report.n_images} usable images in {len(report.classes)} classes "
+        f"{escape(report.root)}: {report.n_images} usable images in {len(report.classes)} classes "
         f"({report.n_files} files)",
         highlight=False,
     )
     counts = Table("class", "images", "share")
     for name, n in report.classes.items():
-        counts.add_row(name, str(n), f"{n / max(1, report.n_images):.1%}")
+        counts.add_row(escape(name), str(n), f"{n / max(1, report.n_images):.1%}")
     out.print(counts)
     rows: list[tuple[str, str, str]] = []
 
@@ -438,10 +447,10 @@ def _print_audit(report: Any, limit: int) -> None:
         table = Table("problem", "file(s)", "detail")
         table.columns[1].overflow = "fold"  # a path is never cut short
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         out.print(table)
     for message in report.warnings:
-        out.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        out.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
     if not report.warnings:
         out.print("no problems found")
 

@@ -47,7 +47,7 @@ from .runtime import ArrayClassifier
 log = logging.getLogger("florist")
 
 #: Largest request body accepted by default (bytes).
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_BYTES = 20_000_000
 #: Most images the model is given in one call.
 MAX_BATCH = 16
 
