@@ -54,9 +54,12 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tmp_path: Path)
     assert [r["batch_size"] for r in results["compute_limit"]["fp32"]["by_batch_size"]] == [4, 8]
     for figure in (results["decode"]["pipeline"], results["naive"], results["florist"]["other"]):
         assert figure["images_per_s"] > 0
-    summary = speed.summarise(results)
+    summary = speed.summarise(results, cores=2)
     assert summary["c_over_d"] == round(summary["c_images_per_s"] / results["naive"]["images_per_s"], 2)
     assert summary["b_best_images_per_s"] == max(r["images_per_s"] for r in results["compute_limit"].values())
+    # decoding on the same cores costs time: the ceiling is below b, and lower still with one core
+    assert summary["shared_core_ceiling_images_per_s"] < summary["b_best_images_per_s"]
+    assert speed.summarise(results, cores=1)["shared_core_ceiling_images_per_s"] < summary["shared_core_ceiling_images_per_s"]
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- speed-table:start -->\nold\n<!-- speed-table:end -->\nend\n")

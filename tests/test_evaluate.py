@@ -14,6 +14,28 @@ from florist import FloristError
 from florist.evaluate import compute_metrics, top_k_accuracy
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_match_scikit_learn(seed: int) -> None:
+    """florist's numpy metrics against scikit-learn's, including classes never predicted or absent."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    classes = list("abcdef")
+    y = rng.integers(0, 4, 60)  # e and f never occur
+    probs = rng.dirichlet(np.ones(6), 60)
+    probs[:, 3] *= 0.01  # d is (almost) never predicted
+    m = compute_metrics(y, probs, classes)
+    labels = list(range(6))
+    pred = probs.argmax(1)
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    for i, name in enumerate(classes):
+        got = m["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision[i], recall[i], f1[i]))
+        assert got["support"] == support[i]
+    assert m["macro_f1"] == pytest.approx(float(np.mean(f1)))
+
+
 def test_metrics_by_hand() -> None:
     y = [0, 0, 1, 1, 2]
     probs = np.array(

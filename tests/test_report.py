@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import florist
 from florist.cli import app
 from florist.files import read_csv
-from florist.report import confused_pairs, find_chromium, screenshot
+from florist.report import ConfusionFigure, confused_pairs, find_chromium, screenshot
 
 runner = CliRunner()
 #: Two classes drawn from the same grey noise (so the model must confuse them) and one red;
@@ -153,3 +153,22 @@ def test_report_renders_in_headless_chromium(mixed_run: Path, tmp_path: Path) ->
     # The confusion matrix's darkest blue (a full diagonal cell) is on the page.
     dark_blue = (pixels[..., 2] > 80) & (pixels[..., 0] < 20) & (pixels[..., 1] < 70)
     assert dark_blue.sum() > 500
+
+
+def test_a_refilled_confusion_figure_looks_like_a_fresh_one() -> None:
+    """TensorBoard's per-eval matrices redraw only what changes; the result must match a full drawing."""
+    classes = ["daisy", "dandelion", "roses"]
+    rng = np.random.default_rng(0)
+    figure = ConfusionFigure(classes)
+    for _ in range(3):  # earlier matrices must leave no trace
+        figure.draw(rng.integers(0, 50, (3, 3)).tolist()).rgb()
+    matrix = rng.integers(0, 50, (3, 3)).tolist()
+    refilled = figure.draw(matrix).rgb().astype(int)
+    fresh = ConfusionFigure(classes).draw(matrix)
+    fresh.figure.canvas.draw()
+    drawn = np.asarray(fresh.figure.canvas.buffer_rgba())[..., :3].astype(int)
+    assert refilled.shape == drawn.shape
+    diff = np.abs(refilled - drawn).max(axis=2)
+    # cell edges may land a sub-pixel apart; a stale count or cell would differ by far more
+    assert diff.max() <= 40 and (diff > 8).mean() < 0.02
+    assert figure.png() == fresh.png()  # and the report's PNG is the complete plot either way

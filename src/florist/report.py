@@ -133,6 +133,8 @@ class ConfusionFigure:
         cells = range(n) if n <= 30 else range(0)  # beyond 30 classes the counts would not fit
         self.counts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=9) for i in cells for j in cells}
         self.figure.tight_layout()
+        self._changing = [self.image, self.title, *self.counts.values()]
+        self._background: Any = None  # pixels of everything else, drawn once (see rgb)
 
     def draw(self, matrix: list[list[int]]) -> ConfusionFigure:
         """Show ``matrix`` (counts; rows = true class, columns = predicted)."""
@@ -146,11 +148,27 @@ class ConfusionFigure:
         return self
 
     def rgb(self) -> np.ndarray:
-        """The plot as an ``[H, W, 3]`` uint8 array."""
-        self.figure.canvas.draw()
-        return np.asarray(self.figure.canvas.buffer_rgba())[..., :3].copy()
+        """The plot as an ``[H, W, 3]`` uint8 array.
+
+        Axes, labels and colour bar never change: they are drawn once and only the
+        cells, counts and title are drawn over them again (matplotlib's blitting),
+        about 10 ms instead of 50 ms a matrix.
+        """
+        canvas = self.figure.canvas
+        if self._background is None:
+            for artist in self._changing:
+                artist.set_animated(True)  # left out of a full draw
+            canvas.draw()
+            self._background = canvas.copy_from_bbox(self.figure.bbox)
+        canvas.restore_region(self._background)
+        for artist in [*self._changing, *self.image.axes.spines.values()]:  # the frame goes over the cells
+            self.figure.draw_artist(artist)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
     def png(self) -> bytes:
+        for artist in self._changing:
+            artist.set_animated(False)
+        self._background = None
         return _png(self.figure)
 
 
@@ -454,9 +472,9 @@ class Board:
 
     def confusion(self, step: int, y_true: np.ndarray, y_pred: np.ndarray) -> None:
         """The confusion matrix of this eval, drawn like ``confusion_matrix.png``."""
-        from sklearn.metrics import confusion_matrix
+        from .evaluate import confusion_matrix
 
-        matrix = confusion_matrix(y_true, y_pred, labels=range(len(self.classes))).tolist()
+        matrix = confusion_matrix(y_true, y_pred, len(self.classes)).tolist()
         self._figure = self._figure or ConfusionFigure(self.classes)
         self.writer.add_image("eval/confusion_matrix", self._figure.draw(matrix).rgb(), step, dataformats="HWC")
 
