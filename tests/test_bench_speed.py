@@ -81,3 +81,16 @@ def test_train_wall_times_cold_then_warm(speed, photos: Path, tmp_path: Path) ->
     times = speed.train_wall_times(photos, tmp_path, warm_repeats=1)
     assert times["n_images"] == 24 and len(times["warm_runs_s"]) == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "head"
+
+
+def test_precision_cross_validation_scores_every_photo_once(speed, photos: Path, tmp_path: Path) -> None:
+    paths = speed.list_images(photos)
+    default = speed.backbone_for("auto")
+    other = speed.backbone_for("fp32" if default.bf16 else "bf16")
+    result = speed.precision_top1_cv(paths, {"bf16": default, "fp32": other} if default.bf16 else
+                                     {"fp32": default, "bf16": other}, tmp_path, folds=4)
+    assert result["images"] == 24 and result["folds"] == 4
+    for precision in ("bf16", "fp32"):
+        top1 = result[precision]["top1"]
+        assert 0.9 <= top1 <= 1 and round(top1 * 24) == top1 * 24  # whole photos; the colours are easy
+    assert result["difference_points"] == round(100 * abs(result["bf16"]["top1"] - result["fp32"]["top1"]), 2)
