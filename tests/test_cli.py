@@ -128,3 +128,16 @@ def test_train_tune_top_from_the_command_line(photos: Path, tmp_path: Path) -> N
     assert json.loads((run / "model.json").read_text())["train_config"]["blocks"] == 1
     result = runner.invoke(app, ["train", str(photos), "--out", str(tmp_path / "x"), "--mode", "finetune-all"])
     assert result.exit_code == 2
+
+
+def test_predict_into_a_closed_pipe_exits_quietly(trained_run: Path, photos: Path) -> None:
+    """`florist predict ... | head -1`: once the reader is gone, stop without an error message."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "florist", "predict", str(trained_run), str(photos), "--csv"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader leaves before the first line is written
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert b"error" not in stderr.lower() and b"Traceback" not in stderr, stderr.decode()

@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -75,6 +76,13 @@ def _print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit cannot fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into one line on stderr and exit status 2 (130 on Ctrl-C).
 
@@ -87,6 +95,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         _setup_output()
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # `florist predict ... | head`: the reader has all it wants
+            _silence_stdout()
+            raise typer.Exit(1) from None
         except (FloristError, OSError) as e:
             err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
