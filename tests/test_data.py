@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -796,6 +797,10 @@ def test_a_rescan_reuses_remembered_verdicts_until_a_file_changes(tmp_path):
         it.path: it.sha256 for it in first.items
     }[str(changed)]
     assert scan(root) == rescanned  # and the same as checking everything afresh
+
+    fixed.unlink()
+    scan(root, check_memo=memo)
+    assert str(fixed) not in json.loads(memo.read_text())  # a removed file leaves the memo too
 
 
 def test_a_damaged_check_memo_means_checking_afresh(tmp_path):

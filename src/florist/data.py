@@ -303,8 +303,8 @@ class CheckMemo:
     def __init__(self, path: str | Path | None, max_pixels: int):
         self.path = Path(path) if path else None
         self.max_pixels = max_pixels
-        self.known: dict[str, list] = {}
-        self.fresh: dict[str, list] = {}
+        self.known: dict[str, list] = {}  # what the memo file held
+        self.seen: dict[str, list] = {}  # the verdicts of this check, reused or new
         if self.path is not None and self.path.is_file():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -327,28 +327,28 @@ class CheckMemo:
             except OSError:
                 return check(path)
             entry = self.known.get(str(path))
-            if entry and entry[0] == identity:
-                if entry[1] == "ok":
-                    return entry[2]
-                raise BadImage(entry[2])
-            try:
-                sha = check(path)
-            except BadImage as e:
-                self.fresh[str(path)] = [identity, "bad", str(e)]
-                raise
-            self.fresh[str(path)] = [identity, "ok", sha]
-            return sha
+            if not (entry and entry[0] == identity):
+                try:
+                    entry = [identity, "ok", check(path)]
+                except BadImage as e:
+                    entry = [identity, "bad", str(e)]
+            self.seen[str(path)] = entry
+            if entry[1] == "ok":
+                return entry[2]
+            raise BadImage(entry[2])
 
         return remembered
 
     def save(self) -> None:
-        """Write the verdicts of this check (atomically) when something new was learnt."""
-        if self.path is None or not self.fresh:
+        """Write this check's verdicts (atomically) when they differ from the file's.
+
+        Files gone from the folder drop out of the memo, so it never outgrows the folder.
+        """
+        if self.path is None or self.seen == self.known:
             return
-        entries = {**self.known, **self.fresh}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json_text(entries))
+            atomic_write_text(self.path, json_text(self.seen))
         except OSError as e:  # a read-only cache costs speed, never the run
             warnings.warn(f"could not save image checks to {self.path}: {e}", stacklevel=2)
 

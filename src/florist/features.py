@@ -338,8 +338,10 @@ def default_workers(n_images: int) -> int:
 
 
 #: Images per forward pass during extraction on CPU, where small batches keep a
-#: block's activations in cache: bf16 lite0 measured 93 img/s at 16 against 64 img/s
-#: at 64 (bench/speed.py). Decoding workers still hand over batches of 64.
+#: block's activations in cache. bf16 lite0's forward pass alone measured 163, 122 and
+#: 86 img/s at batches of 8, 16 and 64 (bench/results/speed.json). In full extraction,
+#: measured in one run, 16 gave 76 and 68 img/s where 64 gave 49 and 56; 8 was within
+#: noise of 16. Decoding workers still hand over batches of 64.
 FORWARD_BATCH = 16
 
 

@@ -139,11 +139,12 @@ def run_steps(
                 last_eval = history.eval_top1[-1] if history.eval_top1 else float("nan")
                 progress(step, total_steps, loss=float(np.mean(losses)), top1=correct / seen, eval_top1=last_eval)
         probs = evaluate() if evaluate else None
-        point = (step, float(np.mean(losses)), correct / max(1, seen), top1(probs, eval_labels))
-        history.add(*point, optimizer.param_groups[-1]["lr"])
+        eval_top1 = top1(probs, eval_labels)
+        point = (step, float(np.mean(losses)), correct / max(1, seen), eval_top1, optimizer.param_groups[-1]["lr"])
+        history.add(*point)
         if board is not None:
-            board.epoch(*point, optimizer.param_groups[-1]["lr"])
-            if not math.isnan(point[-1]):
+            board.epoch(*point)
+            if not math.isnan(eval_top1):
                 board.confusion(step, eval_labels, probs.argmax(1))  # type: ignore[arg-type, union-attr]
         if on_epoch and on_epoch(history):
             break

