@@ -166,6 +166,33 @@ def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: P
     assert top1 == pytest.approx(metrics["top1"])
 
 
+def test_finetune_starts_from_the_tune_top_model(photos: Path, tmp_path: Path, finetuned: Path) -> None:
+    """With learning rates too small to move anything, finetune ends where tune-top ended."""
+    assert json.loads((finetuned / "metrics.json").read_text())["finetune"]["warm_start"] == "tune-top"
+    florist.train(photos, tmp_path / "top", mode="tune-top", eval_fraction=0.25)
+    florist.train(photos, tmp_path / "still", mode="finetune", eval_fraction=0.25, steps=1, lr=1e-12, backbone_lr=1e-12)
+    top = load_file(tmp_path / "top" / "model.safetensors")
+    still = load_file(tmp_path / "still" / "model.safetensors")
+    pretrained = create_backbone("efficientnet_lite0").model.state_dict()
+    assert not torch.equal(top["backbone.conv_head.weight"], pretrained["conv_head.weight"]), "tune-top trained it"
+    for name, tensor in top.items():
+        torch.testing.assert_close(still[name], tensor, atol=1e-6, rtol=0, msg=name)
+    metrics = json.loads((tmp_path / "still" / "metrics.json").read_text())
+    assert metrics["finetune"]["warm_start_top1"] == json.loads((tmp_path / "top" / "metrics.json").read_text())["top1"]
+
+
+def test_finetune_of_a_backbone_tune_top_cannot_split_starts_from_a_head(photos: Path, tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, weights)
+    run = tmp_path / "run"
+    florist.train(photos, run, backbone="test_resnet", weights=str(weights), **TINY)
+    assert json.loads((run / "metrics.json").read_text())["finetune"]["warm_start"] == "head"
+
+
 def test_interrupted_finetune_resumes_to_the_same_weights(photos: Path, tmp_path: Path, finetuned: Path) -> None:
     """Kill after the first epoch's checkpoint; the rerun continues and ends bit-identical."""
     import florist.finetune as ft

@@ -166,7 +166,7 @@ def train(
         help="head: linear classifier on frozen features (about a minute on a CPU). "
         "tune-top: also train the last --blocks backbone blocks on cached activations (95% on flowers in "
         "about 5 minutes on a 2-core CPU). finetune: train the whole backbone on augmented images "
-        "(most accurate; tens of minutes on a CPU, minutes on a GPU; resumes if interrupted). "
+        "starting from tune-top's model (tens of minutes on a CPU, minutes on a GPU; resumes if interrupted). "
         "[default: tune-top]",
     ),
     blocks: Optional[int] = typer.Option(
@@ -174,7 +174,7 @@ def train(
         "finetune all]."
     ),
     backbone_lr: Optional[float] = typer.Option(
-        None, help="tune-top/finetune: peak learning rate of the top backbone block [default: 1e-3, 5e-4]."
+        None, help="tune-top/finetune: peak learning rate of the top backbone block [default: 1e-3, 1e-4]."
     ),
     layer_decay: float = typer.Option(0.85, help="finetune: each block's learning rate is this times the next's."),
     warmup: float = typer.Option(0.1, help="tune-top/finetune: fraction of steps warming up the learning rate."),
@@ -197,7 +197,7 @@ def train(
     weights: Optional[str] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
     eval_fraction: float = EvalFraction,
     train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 8]."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 12]."),
     steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: 0.005 adam, 0.01 sgd; finetune 1e-3]."),

@@ -7,8 +7,10 @@ return adapts every layer. What keeps that affordable on a CPU:
 * each photo is decoded and resized once into a small uint8 square (cached on
   disk like features), so a step does no JPEG decoding, only a random crop,
   flip and colour jitter of a 256x256 tensor;
-* the head starts from one trained on cached features, so the first steps do
-  not push a random head's gradients into the pretrained layers;
+* training starts from tune-top's result (the last block and a head trained on
+  cached activations in a few minutes), so the expensive full-network steps
+  refine a model that already scores well, and no random head's gradients reach
+  the pretrained layers;
 * learning rates shrink layer by layer towards the stem (timm's layer-wise
   decay), after a linear warm-up and then along a cosine;
 * batch-norm statistics stay frozen: batches of 32 give noisy statistics, and

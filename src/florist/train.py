@@ -57,7 +57,16 @@ from .predict import Classifier
 from .progress import ProgressFn, progress_bar
 from .runinfo import run_info
 from .tfrecord import is_record_data, prepare_records
-from .tune import TopConfig, bf16_is_fast, evaluate_top, fit_top, split_backbone, state_id, tuned_state
+from .tune import (
+    TopConfig,
+    bf16_is_fast,
+    can_split,
+    evaluate_top,
+    fit_top,
+    split_backbone,
+    state_id,
+    tuned_state,
+)
 
 log = logging.getLogger("florist")
 
@@ -70,9 +79,9 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
              "backbone_lr": None},
     "tune-top": {"epochs": 6, "views": 7, "label_smoothing": 0.1, "weight_decay": 0.01, "lr": None, "blocks": 1,
                  "backbone_lr": 1e-3},
-    # views: finetune augments on the fly; its head warm start uses clean features only.
-    "finetune": {"epochs": 8, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
-                 "blocks": None, "backbone_lr": 5e-4},
+    # views: finetune augments on the fly; its tune-top warm start uses tune-top's own defaults.
+    "finetune": {"epochs": 12, "views": 0, "label_smoothing": 0.1, "weight_decay": 0.05, "lr": 1e-3,
+                 "blocks": None, "backbone_lr": 1e-4},
 }
 MODES = tuple(MODE_DEFAULTS)
 
@@ -85,11 +94,11 @@ class TrainConfig:
         mode: ``"head"`` (linear classifier on frozen features), ``"tune-top"``
             (also train the last ``blocks`` backbone blocks on cached activations) or
             ``"finetune"`` (train the whole backbone, or its last ``blocks``, on
-            augmented images, starting from a head trained on cached features).
+            augmented images, starting from tune-top's result).
         blocks: tune-top and finetune: how many of the backbone's last blocks to train
             (default: tune-top 1, finetune all).
         backbone_lr: tune-top and finetune: peak learning rate of the top backbone block
-            (default: tune-top 1e-3, finetune 5e-4).
+            (default: tune-top 1e-3, finetune 1e-4).
         layer_decay: finetune: each block's learning rate is this times the next one's.
         warmup: tune-top and finetune: fraction of steps with a linear learning-rate
             warm-up before the cosine decay.
@@ -104,7 +113,7 @@ class TrainConfig:
         weights: local checkpoint for the backbone instead of its default weights.
         eval_fraction: share of each class held out for evaluation (ignored with ``train_per_class``).
         train_per_class: take exactly this many training images per class, the rest is eval.
-        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 8).
+        epochs: passes over the training set (default per mode: head 15, tune-top 6, finetune 12).
         steps: total optimisation steps (batches); overrides ``epochs``.
         optimizer: ``"adam"`` (default) or ``"sgd"``.
         lr: learning rate of the head (default 0.005 for Adam, 0.01 for SGD; finetune 1e-3).
@@ -691,10 +700,11 @@ def _tuning_settings(cfg: TrainConfig, train_y: np.ndarray, num_classes: int) ->
 
 
 def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, run: _Run) -> _Fitted:
-    """finetune mode: a head on cached features first, then the whole network on augmented images."""
+    """finetune mode: tune-top (or a head) on cached data first, then the whole network on augmented images."""
     (backbone,) = backbones
-    warm = _fit_head_mode(backbones, prepared, _warm_start_config(cfg), run)
-    run.timings["head_s"] = run.timings.pop("train_s")
+    warm_cfg = _warm_start_config(cfg, backbone)
+    warm = FIT[warm_cfg.resolved_mode](backbones, prepared, warm_cfg, replace(run, board=None))
+    run.timings["warm_start_s"] = run.timings.pop("train_s")
     prepared = Prepared(prepared.classes, warm.train, warm.eval, prepared.skipped, prepared.warnings)
     t = time.perf_counter()
     kept, pixels, computed = _extract_splits(
@@ -739,15 +749,25 @@ def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfi
     state = tuned_state(backbone.model, ft_cfg.trainable or [""])
     return _Fitted(
         warm.head, asdict(history), kept["train"], kept["eval"], eval_probs, warm.computed + computed, state,
-        extra_metrics={"finetune": {**info, "head_warm_start_top1": warm.history["eval_top1"][-1]}},
+        extra_metrics={
+            "finetune": {**info, "warm_start": warm_cfg.resolved_mode, "warm_start_top1": warm.history["eval_top1"][-1]}
+        },
     )
 
 
-def _warm_start_config(cfg: TrainConfig) -> TrainConfig:
-    """Head-mode settings for finetune's starting head: head defaults, clean features only."""
-    return replace(
-        cfg, mode="head", epochs=None, steps=None, lr=None, views=0, label_smoothing=None, weight_decay=None
-    )
+def _warm_start_config(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
+    """Settings of finetune's starting point: tune-top's defaults where the backbone can be split.
+
+    Fine-tuning then starts from a network that already scores as tune-top does
+    (its last block and head trained on cached activations, minutes on a CPU),
+    so the expensive full-network steps refine a good model instead of first
+    repairing a random head. Backbones tune-top cannot split start from a head
+    trained on cached clean features.
+    """
+    defaults = dict(epochs=None, steps=None, lr=None, label_smoothing=None, weight_decay=None, backbone_lr=None)
+    if can_split(backbone):
+        return replace(cfg, mode="tune-top", blocks=None, views=None, **defaults)
+    return replace(cfg, mode="head", views=0, **defaults)
 
 
 def _fingerprint(cfg: TrainConfig, kept: dict[str, list[Item]]) -> str:

@@ -53,10 +53,18 @@ class _Top(nn.Sequential):
     """Last blocks, final 1x1 conv + BN/act, global pooling, flattened."""
 
 
+#: Modules a backbone needs for tune-top to cut it (timm's EfficientNet/MobileNet layout).
+_SPLIT_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
+
+
+def can_split(backbone: Backbone) -> bool:
+    """True if tune-top can cut this backbone into a frozen bottom and a trainable top."""
+    return all(hasattr(backbone.model, name) for name in _SPLIT_PARTS)
+
+
 def _named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's blocks in order, with their state-dict names (``blocks.5.1``)."""
-    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
-    if not all(hasattr(model, name) for name in needed):
+    if not all(hasattr(model, name) for name in _SPLIT_PARTS):
         raise FloristError(
             f"--mode tune-top supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
             f"timm efficientnet_*, mobilenetv2/3), not {type(model).__name__}; use --mode head"
