@@ -158,6 +158,8 @@ def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: P
     assert torch.equal(state["backbone.bn1.running_mean"], pretrained["bn1.running_mean"]), "BN stats frozen"
 
     model = florist.load(finetuned)
+    saved = json.loads((finetuned / "model.json").read_text())["preprocessing"][0]
+    assert saved["crop_pct"] == model.backbone.data_config["crop_pct"] == 1.0, "the whole square, as in training"
     eval_rows = (finetuned / "eval.csv").read_text().splitlines()[1:]
     paths = [row.split(",")[0] for row in eval_rows]
     labels = [row.split(",")[1] for row in eval_rows]

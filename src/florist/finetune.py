@@ -17,6 +17,9 @@ return adapts every layer. What keeps that affordable on a CPU:
   frozen statistics make a multi-process run take exactly the steps of one;
 * bf16 autocast and channels_last where the hardware gains from them.
 
+The fine-tuned model is evaluated and saved with a centre crop of the whole
+square (see :func:`florist.train.whole_image`).
+
 After every epoch a checkpoint (``checkpoint.pt``: tensors and numbers only,
 loaded with ``weights_only=True``) lets an interrupted run resume where it
 stopped, with the same result as an uninterrupted one.

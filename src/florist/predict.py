@@ -58,8 +58,9 @@ class Classifier:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "Classifier":
         backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
-        for b in backbones:
+        for b, data_config in zip(backbones, bundle.data_configs):
             b.bf16 = bool(bundle.extra.get("bf16", False))
+            b.data_config = dict(data_config)  # the preprocessing the model was trained and evaluated with
         backbone = backbones[0]
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
         if tuned:
