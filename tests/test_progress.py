@@ -84,5 +84,6 @@ def test_training_steps_report_loss_and_accuracy() -> None:
     epoch_ends = [c[2] for c in calls if c[0] in (5, 10)]  # 40 examples / 8 = 5 steps per epoch
     assert [s["loss"] for s in epoch_ends] == history.loss
     assert [s["top1"] for s in epoch_ends] == history.train_top1
-    assert all(np.isnan(c[2]["eval_top1"]) for c in calls[:5])  # nothing evaluated in the first epoch
-    assert all(c[2]["eval_top1"] == 0.75 for c in calls[5:])
+    assert all(np.isnan(c[2]["eval_top1"]) for c in calls[:4])  # nothing evaluated yet in the first epoch
+    assert all(c[2]["eval_top1"] == 0.75 for c in calls[4:])  # each epoch's last step shows its own eval
+    assert calls[-1][2]["eval_top1"] == history.eval_top1[-1]

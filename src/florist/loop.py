@@ -121,7 +121,8 @@ def run_steps(
     while step < total_steps:
         train_mode()
         losses, correct, seen = [], 0, 0
-        for global_batch in torch.randperm(len(labels), generator=generator).split(batch_size):
+        batches = torch.randperm(len(labels), generator=generator).split(batch_size)
+        for i, global_batch in enumerate(batches):
             if step >= total_steps:
                 break
             batch = _local_part(global_batch, shard)
@@ -135,13 +136,16 @@ def run_steps(
             losses.append(loss.item())
             correct += int((logits.argmax(1) == labels[batch]).sum())
             seen += len(batch)
-            if progress:  # the epoch's running loss and top-1, the last epoch's held-out top-1
+            epoch_ends = i == len(batches) - 1 or step >= total_steps
+            if progress and not epoch_ends:  # the epoch's running loss and top-1, the last epoch's held-out top-1
                 last_eval = history.eval_top1[-1] if history.eval_top1 else float("nan")
                 progress(step, total_steps, loss=float(np.mean(losses)), top1=correct / seen, eval_top1=last_eval)
         probs = evaluate() if evaluate else None
         eval_top1 = top1(probs, eval_labels)
         point = (step, float(np.mean(losses)), correct / max(1, seen), eval_top1, optimizer.param_groups[-1]["lr"])
         history.add(*point)
+        if progress:  # an epoch's last step is shown with that epoch's held-out top-1
+            progress(step, total_steps, loss=point[1], top1=point[2], eval_top1=eval_top1)
         if board is not None:
             board.epoch(*point)
             if not math.isnan(eval_top1):
