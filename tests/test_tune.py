@@ -101,3 +101,15 @@ def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path) -> Non
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["top1"] == 1.0
     assert metrics["history"]["loss"][-1] < metrics["history"]["loss"][0]
+
+
+def test_a_backbone_without_efficientnet_blocks_cannot_be_split() -> None:
+    import timm
+
+    from florist.tune import can_split
+
+    lite0 = create_backbone("efficientnet_lite0")
+    resnet = Backbone(timm.create_model("test_resnet"), lite0.spec, lite0.data_config)
+    assert can_split(lite0) and not can_split(resnet)
+    with pytest.raises(FloristError, match="not ResNet; use --mode head"):
+        split_backbone(resnet, 1)

@@ -64,11 +64,6 @@ def can_split(backbone: Backbone) -> bool:
 
 def _named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's blocks in order, with their state-dict names (``blocks.5.1``)."""
-    if not all(hasattr(model, name) for name in _SPLIT_PARTS):
-        raise FloristError(
-            f"--mode tune-top supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
-            f"timm efficientnet_*, mobilenetv2/3), not {type(model).__name__}; use --mode head"
-        )
     return [(f"blocks.{i}.{j}", block) for i, stage in enumerate(model.blocks) for j, block in enumerate(stage)]
 
 
@@ -79,6 +74,11 @@ def split_backbone(backbone: Backbone, blocks: int) -> SplitBackbone:
         FloristError: unsupported architecture or an out-of-range ``blocks``.
     """
     model = backbone.model
+    if not can_split(backbone):
+        raise FloristError(
+            f"--mode tune-top supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
+            f"timm efficientnet_*, mobilenetv2/3), not {type(model).__name__}; use --mode head"
+        )
     named = _named_blocks(model)
     if not 1 <= blocks <= len(named):
         raise FloristError(f"--blocks must be between 1 and {len(named)} for {backbone.spec.name}, got {blocks}")
