@@ -15,9 +15,11 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (30, 50, 210)}
 
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep every test's feature cache out of the user's home folder."""
+    """Keep every test's feature cache out of the user's home folder, and the temporary folders
+    of the processes tests start (torchrun's among them) inside pytest's own, which it prunes."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FLORIST_CACHE", str(tmp_path_factory.mktemp("florist-cache")))
+    mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
     yield
     mp.undo()
 
