@@ -220,12 +220,16 @@ def test_interrupted_finetune_resumes_to_the_same_weights(photos: Path, tmp_path
     florist.train(photos, run, **settings)
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["finetune"]["resumed_from_epoch"] == 1
+    assert "warm_start_s" not in resumed["timings"], "the checkpoint's weights stand in for the warm start"
 
     fresh = tmp_path / "fresh"
     florist.train(photos, fresh, **settings)
     a, b = load_file(run / "model.safetensors"), load_file(fresh / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    unbroken = json.loads((fresh / "metrics.json").read_text())
+    assert "warm_start_s" in unbroken["timings"]
+    assert resumed["finetune"]["warm_start_top1"] == unbroken["finetune"]["warm_start_top1"]
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(photos: Path, tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ square (see :func:`florist.train.whole_image`).
 
 After every epoch a checkpoint (``checkpoint.pt``: tensors and numbers only,
 loaded with ``weights_only=True``) lets an interrupted run resume where it
-stopped, with the same result as an uninterrupted one.
+stopped, with the same result as an uninterrupted one; a resumed run skips the
+warm start, whose result the checkpoint's weights already hold.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +206,19 @@ def load_checkpoint(out: Path, fingerprint: str) -> dict[str, Any] | None:
 class _Tracker:
     """Best epoch, early stopping and per-epoch checkpoints."""
 
-    def __init__(self, cfg: FinetuneConfig, net: Network, out: Path | None, save: Callable[[dict[str, Any]], None]):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        net: Network,
+        out: Path | None,
+        save: Callable[[dict[str, Any]], None],
+        notes: dict[str, Any] | None = None,
+    ):
         self.cfg = cfg
         self.net = net
         self.out = out
         self.save = save
+        self.notes = notes or {}
         self.best_top1 = -1.0
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -231,6 +241,7 @@ class _Tracker:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "fingerprint": self.cfg.fingerprint,
+            "notes": self.notes,
             **({"best_state": self.best_state} if self.best_state is not None else {}),
         }
         if self.out is not None and dist.is_main():
@@ -251,7 +262,8 @@ def fit_finetune(
     eval_pixels: Sequence[np.ndarray] = (),
     eval_y: np.ndarray | None = None,
     out: Path | None = None,
-    resume: bool = False,
+    checkpoint: dict[str, Any] | None = None,
+    notes: dict[str, Any] | None = None,
     board: Board | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[History, np.ndarray, dict[str, Any]]:
@@ -262,7 +274,10 @@ def fit_finetune(
         train_y: ``[N]`` labels.
         eval_pixels: one ``[M, 3, H, W]`` uint8 array per test-time view.
         out: where ``checkpoint.pt`` is written after each epoch (None: nowhere).
-        resume: continue from ``out``'s checkpoint when it matches ``cfg.fingerprint``.
+        checkpoint: what :func:`load_checkpoint` gave for this run, to continue from
+            (None: start from ``backbone`` and ``head`` as they are).
+        notes: plain values saved with every checkpoint, for the caller to read
+            back from it when resuming (e.g. what the warm start scored).
 
     Returns:
         The curves; the kept weights' TTA-averaged probabilities on the eval views;
@@ -278,10 +293,9 @@ def fit_finetune(
     model: nn.Module = net
     if dist.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
-    tracker = _Tracker(cfg, net, out, lambda state: _save_checkpoint(out, net, opt, schedule, state))  # type: ignore[arg-type]
+    tracker = _Tracker(cfg, net, out, partial(_save_checkpoint, out, net, opt, schedule), notes)  # type: ignore[arg-type]
 
     history = History()
-    checkpoint = load_checkpoint(out, cfg.fingerprint) if (resume and out is not None) else None
     if checkpoint:
         net.load_state_dict(checkpoint["net"])
         opt.load_state_dict(checkpoint["optimizer"])

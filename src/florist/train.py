@@ -51,7 +51,7 @@ from .features import (
     view_names,
 )
 from .files import atomic_write_json, folder_lock, remove_stale_temporaries
-from .finetune import CHECKPOINT, FinetuneConfig, fit_finetune
+from .finetune import CHECKPOINT, FinetuneConfig, fit_finetune, load_checkpoint
 from .loop import Board, History, average_probabilities, run_steps
 from .predict import Classifier
 from .progress import ProgressFn, progress_bar
@@ -705,10 +705,17 @@ def _tuning_settings(cfg: TrainConfig, train_y: np.ndarray, num_classes: int) ->
 def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfig, run: _Run) -> _Fitted:
     """finetune mode: tune-top (or a head) on cached data first, then the whole network on augmented images."""
     (backbone,) = backbones
+    fingerprint = _fingerprint(cfg, prepared)
+    checkpoint = load_checkpoint(run.out, fingerprint) if run.resume else None
     warm_cfg = _warm_start_config(cfg, backbone)
-    warm = FIT[warm_cfg.resolved_mode](backbones, prepared, warm_cfg, replace(run, board=None))
-    run.timings["warm_start_s"] = run.timings.pop("train_s")
-    prepared = Prepared(prepared.classes, warm.train, warm.eval, prepared.skipped, prepared.warnings)
+    if checkpoint is None:
+        warm = FIT[warm_cfg.resolved_mode](backbones, prepared, warm_cfg, replace(run, board=None))
+        run.timings["warm_start_s"] = run.timings.pop("train_s")
+        prepared = Prepared(prepared.classes, warm.train, warm.eval, prepared.skipped, prepared.warnings)
+        head, warm_computed, warm_top1 = warm.head, warm.computed, warm.history["eval_top1"][-1]
+    else:  # the checkpoint's weights replace the warm start's: skip it
+        head = build_head(linear_head_spec(backbone.num_features, len(prepared.classes), cfg.dropout))
+        warm_computed, warm_top1 = 0, checkpoint.get("notes", {}).get("warm_start_top1")
     t = time.perf_counter()
     pixel_args: dict[str, Any] = dict(seed=cfg.seed, part="pixels", network=nn.Identity(), dtype=np.uint8)
     eval_views = [v + PIXELS for v in cfg.tta_views]
@@ -730,13 +737,13 @@ def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfi
         keep=cfg.keep,
         patience=cfg.patience,
         trainable=split_backbone(backbone, blocks).top_prefixes if blocks else None,
-        fingerprint=_fingerprint(cfg, kept),
+        fingerprint=fingerprint,
     )
     t = time.perf_counter()
     with progress_bar("Fine-tuning", enabled=run.verbose, unit="steps") as bar:
         history, eval_probs, info = fit_finetune(
             backbone.model,
-            warm.head,
+            head,
             backbone.data_config,
             pixels["train"]["square" + PIXELS],
             train_y,
@@ -745,17 +752,16 @@ def _fit_finetune(backbones: list[Backbone], prepared: Prepared, cfg: TrainConfi
             eval_pixels=[pixels["eval"][v + PIXELS] for v in cfg.tta_views],
             eval_y=_labels(kept["eval"]),
             out=run.out,
-            resume=run.resume,
+            checkpoint=checkpoint,
+            notes={"warm_start_top1": warm_top1},
             board=run.board,
             progress=bar,
         )
     run.timings["train_s"] = time.perf_counter() - t
     state = tuned_state(backbone.model, ft_cfg.trainable or [""])
     return _Fitted(
-        warm.head, asdict(history), kept["train"], kept["eval"], eval_probs, warm.computed + computed, state,
-        extra_metrics={
-            "finetune": {**info, "warm_start": warm_cfg.resolved_mode, "warm_start_top1": warm.history["eval_top1"][-1]}
-        },
+        head, asdict(history), kept["train"], kept["eval"], eval_probs, warm_computed + computed, state,
+        extra_metrics={"finetune": {**info, "warm_start": warm_cfg.resolved_mode, "warm_start_top1": warm_top1}},
     )
 
 
@@ -787,9 +793,10 @@ def _warm_start_config(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     return replace(cfg, mode="head", views=0, **defaults)
 
 
-def _fingerprint(cfg: TrainConfig, kept: dict[str, list[Item]]) -> str:
+def _fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
     """Settings + exact training/eval images: a checkpoint is resumed only for the same run."""
-    payload = {"config": asdict(cfg), "images": {k: [(it.sha256, it.label) for it in v] for k, v in kept.items()}}
+    splits = {"train": prepared.train, "eval": prepared.eval}
+    payload = {"config": asdict(cfg), "images": {k: [(it.sha256, it.label) for it in v] for k, v in splits.items()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
