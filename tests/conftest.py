@@ -1,4 +1,12 @@
-"""Shared fixtures: a session feature cache, synthetic photo folders, the bad-input corpus, the real flower photos."""
+"""Shared fixtures: a session feature cache, a tiny backbone, synthetic photo folders, the bad-input
+corpus, the real flower photos.
+
+Most tests train on :func:`tiny` rather than the real EfficientNet-Lite0: timm's ``test_efficientnet``
+has the same EfficientNet layout (so head, tune-top and finetune all cut and train it the same way)
+at about 1/50 of the compute, with seeded random weights loaded through the user's ``--weights FILE``
+path. The real network keeps its own tests: the weight-mapping proofs (test_backbones.py), the real
+flower photos (accuracy, export parity, audit) and one default run end to end (test_train.py).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +45,60 @@ def write_photos(root: Path, n_per_class: int = 8, colours: dict = COLOURS, seed
     return root
 
 
+#: timm's tiny EfficientNet (160 px input, 256 pooled features), the tests' backbone.
+TINY_BACKBONE = "test_efficientnet"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random weights for :data:`TINY_BACKBONE` in a safetensors file (no download).
+
+    Freshly initialised batch norms (mean 0, variance 1) shrink the signal layer after layer, to
+    pooled features of about 0.005 that a head barely moves in a few epochs. So the batch-norm
+    statistics are first measured on smooth random images, as a trained network's were on its
+    data: features then come out at the scale of a real backbone's.
+    """
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(), torch.no_grad():  # seeded, without moving the generator other tests see
+        torch.manual_seed(0)
+        model = timm.create_model(TINY_BACKBONE, pretrained=False)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches below
+        model.train()
+        for _ in range(4):
+            blobs = torch.rand(8, 3, 10, 10) * 2 - 1
+            model(torch.nn.functional.interpolate(blobs, size=160, mode="bilinear"))
+        state = model.state_dict()
+    path = tmp_path_factory.mktemp("tiny-net") / f"{TINY_BACKBONE}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_weights: Path) -> dict[str, str]:
+    """``florist.train``/``TrainConfig`` settings that select the tiny backbone: ``train(..., **tiny)``."""
+    return {"backbone": TINY_BACKBONE, "weights": str(tiny_weights)}
+
+
+@pytest.fixture(scope="session")
+def tiny_cli(tiny: dict[str, str]) -> list[str]:
+    """The same as :func:`tiny`, as ``florist train`` flags."""
+    return ["--backbone", tiny["backbone"], "--weights", tiny["weights"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny: dict[str, str]):
+    """The tiny backbone itself, for tests of feature extraction (read-only by convention)."""
+    from florist.backbones import create_backbone
+
+    return create_backbone(tiny["backbone"], tiny["weights"])
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three colour classes, 8 photos each (read-only by convention: copy before changing)."""
@@ -44,12 +106,12 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run on :func:`photos` (shared by tests that only read it)."""
+def trained_run(photos: Path, tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished head-mode run of the tiny backbone on :func:`photos` (shared by tests that only read it)."""
     import florist
 
     run = tmp_path_factory.mktemp("run") / "colours"
-    florist.train(photos, run, epochs=10, eval_fraction=0.25, mode="head")
+    florist.train(photos, run, epochs=10, eval_fraction=0.25, mode="head", **tiny)
     return run
 
 
@@ -62,12 +124,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def corpus_run(corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A head-mode run trained on :func:`corpus` (one test-time view, to keep it quick)."""
+def corpus_run(corpus, tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A head-mode run of the tiny backbone trained on :func:`corpus` (one test-time view, to keep it quick)."""
     import florist
 
     run = tmp_path_factory.mktemp("corpus-run") / "run"
-    florist.train(corpus.root, run, mode="head", epochs=3, eval_fraction=0.25, tta=False)
+    florist.train(corpus.root, run, mode="head", epochs=3, eval_fraction=0.25, tta=False, **tiny)
     return run
 
 
