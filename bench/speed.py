@@ -50,7 +50,7 @@ from readme_table import update_readme  # bench/readme_table.py
 from torch.utils.data import DataLoader, Dataset
 
 import florist
-from florist.backbones import Backbone, create_backbone
+from florist.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from florist.data import class_files, find_class_folders
 from florist.features import (
     FeatureCache,
@@ -93,9 +93,9 @@ def timed_rate(run: Callable[[], int], repeats: int, warmup: bool = True) -> dic
     return {"images_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates]}
 
 
-def backbone_for(precision: str) -> Backbone:
-    """The default backbone as ``florist train --precision PRECISION`` sets it up."""
-    backbone = create_backbone()
+def backbone_for(precision: str, backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
+    """``backbone`` (default: florist's) as ``florist train --precision PRECISION`` sets it up."""
+    backbone = create_backbone(backbone, weights)
     backbone.bf16 = TrainConfig(precision=precision).use_bf16
     return backbone
 
@@ -276,11 +276,18 @@ def naive_rate(
 # ---------------------------------------------------------------------------
 
 
-def train_wall_times(data: Path, work: Path, warm_repeats: int = 3) -> dict:
+def _backbone_flags(backbone: str, weights: str | None) -> list[str]:
+    """``--backbone``/``--weights`` flags, shared by ``florist train`` and this script."""
+    return ["--backbone", backbone, *(["--weights", weights] if weights else [])]
+
+
+def train_wall_times(
+    data: Path, work: Path, warm_repeats: int = 3, backbone: str = DEFAULT_BACKBONE, weights: str | None = None
+) -> dict:
     """Wall seconds of ``florist train DATA --mode head`` as a user runs it, cold then warm."""
     env = {**os.environ, "FLORIST_CACHE": str(work / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "florist", "train", str(data), "--out", str(work / "run")]
-    command += ["--mode", "head", "--overwrite", "--quiet"]
+    command += ["--mode", "head", "--overwrite", "--quiet", *_backbone_flags(backbone, weights)]
 
     def once() -> float:
         started = time.perf_counter()
@@ -299,20 +306,23 @@ def train_wall_times(data: Path, work: Path, warm_repeats: int = 3) -> dict:
     }
 
 
-def peak_rss_child(paths: Sequence[Path]) -> dict:
+def peak_rss_child(paths: Sequence[Path], backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> dict:
     """Extract features for ``paths`` (no cache: every copy goes through the network); peak RSS in MiB.
 
     ``ru_maxrss`` is in KiB on Linux; the DataLoader workers are children of this process.
     """
-    extract_features(backbone_for("auto"), paths)
+    extract_features(backbone_for("auto", backbone, weights), paths)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"images": len(paths), "main_mib": round(own, 1), "worker_mib": round(workers, 1)}
 
 
-def peak_rss(data: Path, limit: int | None, copies: int) -> dict:
+def peak_rss(
+    data: Path, limit: int | None, copies: int, backbone: str = DEFAULT_BACKBONE, weights: str | None = None
+) -> dict:
     """:func:`peak_rss_child` in a fresh process for the image list repeated ``copies`` times."""
     command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(copies), "--data", str(data)]
+    command += _backbone_flags(backbone, weights)
     if limit:
         command += ["--images", str(limit)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -416,8 +426,8 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
         print(f"{what}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
     results: dict = {}
-    default = backbone_for("auto")
-    other = backbone_for("fp32" if default.bf16 else "bf16")
+    default = backbone_for("auto", args.backbone, args.weights)
+    other = backbone_for("fp32" if default.bf16 else "bf16", args.backbone, args.weights)
     workers = default_workers(len(paths))
     results["decode"] = {
         "one_core": decode_rate(paths, default, 0, args.repeats),
@@ -442,10 +452,12 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
     results["naive"] = naive_rate(paths, args.repeats, default)
     log("naive", results["naive"])
     if not args.skip_train:
-        results["train_head"] = train_wall_times(args.data, work / "train")
+        results["train_head"] = train_wall_times(
+            args.data, work / "train", backbone=args.backbone, weights=args.weights
+        )
         log("train", results["train_head"])
     if not args.skip_rss:
-        results["peak_rss"] = [peak_rss(args.data, args.images, k) for k in (1, 4)]
+        results["peak_rss"] = [peak_rss(args.data, args.images, k, args.backbone, args.weights) for k in (1, 4)]
         log("peak RSS", results["peak_rss"])
     return results
 
@@ -454,6 +466,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--images", type=int, default=None, help="use only this many photos (default: all)")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="network to measure (as florist train)")
+    parser.add_argument("--weights", default=None, help="its weights file (as florist train)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is kept)")
     parser.add_argument("--forward-images", type=int, default=256, help="images per timed forward-only run")
     parser.add_argument("--agreement-images", type=int, default=128, help="photos to compare bf16/fp32 features on")
@@ -466,7 +480,8 @@ def main() -> None:
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        print(json.dumps(peak_rss_child(list_images(args.data, args.images) * args.rss_child)))
+        paths = list_images(args.data, args.images) * args.rss_child
+        print(json.dumps(peak_rss_child(paths, args.backbone, args.weights)))
         return
     if args.table_only:
         report = json.loads(args.out.read_text())

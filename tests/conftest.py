@@ -49,9 +49,8 @@ def write_photos(root: Path, n_per_class: int = 8, colours: dict = COLOURS, seed
 TINY_BACKBONE = "test_efficientnet"
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded random weights for :data:`TINY_BACKBONE` in a safetensors file (no download).
+def seeded_weights(name: str, path: Path) -> Path:
+    """Seeded random weights for the timm model ``name`` in a safetensors file at ``path`` (no download).
 
     Freshly initialised batch norms (mean 0, variance 1) shrink the signal layer after layer, to
     pooled features of about 0.005 that a head barely moves in a few epochs. So the batch-norm
@@ -64,19 +63,24 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     with torch.random.fork_rng(), torch.no_grad():  # seeded, without moving the generator other tests see
         torch.manual_seed(0)
-        model = timm.create_model(TINY_BACKBONE, pretrained=False)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None  # a plain average over the batches below
+        model = timm.create_model(name, pretrained=False)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches below
         model.train()
-        for _ in range(4):
+        side = model.default_cfg["input_size"][-1]
+        for _ in range(4 if norms else 0):  # group norms have no statistics to measure
             blobs = torch.rand(8, 3, 10, 10) * 2 - 1
-            model(torch.nn.functional.interpolate(blobs, size=160, mode="bilinear"))
-        state = model.state_dict()
-    path = tmp_path_factory.mktemp("tiny-net") / f"{TINY_BACKBONE}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            model(torch.nn.functional.interpolate(blobs, size=side, mode="bilinear"))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded weights for :data:`TINY_BACKBONE` (see :func:`seeded_weights`)."""
+    return seeded_weights(TINY_BACKBONE, tmp_path_factory.mktemp("tiny-net") / f"{TINY_BACKBONE}.safetensors")
 
 
 @pytest.fixture(scope="session")

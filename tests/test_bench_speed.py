@@ -1,4 +1,7 @@
-"""bench/speed.py: every measurement runs on a few photos and the report is complete (no timing claims)."""
+"""bench/speed.py: every measurement runs on a few photos and the report is complete (no timing claims).
+
+Every measurement runs on the tests' tiny backbone, through the script's own --backbone/--weights.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ def test_images_are_listed_in_florists_order_and_spread_when_limited(speed, phot
     assert {p.parent.name for p in speed.list_images(photos, 6)} == {"red", "green", "blue"}
 
 
-def test_measurements_run_and_make_a_report(speed, photos: Path, tmp_path: Path) -> None:
+def test_measurements_run_and_make_a_report(speed, photos: Path, tiny: dict[str, str], tmp_path: Path) -> None:
     paths = speed.list_images(photos)[::2]
-    default = speed.backbone_for("auto")
-    other = speed.backbone_for("fp32" if default.bf16 else "bf16")
+    default = speed.backbone_for("auto", **tiny)
+    other = speed.backbone_for("fp32" if default.bf16 else "bf16", **tiny)
     assert other.bf16 != default.bf16
     results = {
         "decode": {"one_core": speed.decode_rate(paths, default, 0, 1), "pipeline": speed.decode_rate(paths, default, 1, 1)},
@@ -70,23 +73,25 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_peak_rss_is_read_in_a_fresh_process(speed, photos: Path) -> None:
-    measured = speed.peak_rss(photos, 4, 2)
+def test_peak_rss_is_read_in_a_fresh_process(speed, photos: Path, tiny: dict[str, str]) -> None:
+    measured = speed.peak_rss(photos, 4, 2, **tiny)
     assert measured["copies"] == 2 and measured["images"] == 8
     assert measured["main_mib"] > 50  # at least torch and the model are resident
 
 
 @pytest.mark.slow
-def test_train_wall_times_cold_then_warm(speed, photos: Path, tmp_path: Path) -> None:
-    times = speed.train_wall_times(photos, tmp_path, warm_repeats=1)
+def test_train_wall_times_cold_then_warm(speed, photos: Path, tiny: dict[str, str], tmp_path: Path) -> None:
+    times = speed.train_wall_times(photos, tmp_path, warm_repeats=1, **tiny)
     assert times["n_images"] == 24 and len(times["warm_runs_s"]) == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "head"
 
 
-def test_precision_cross_validation_scores_every_photo_once(speed, photos: Path, tmp_path: Path) -> None:
+def test_precision_cross_validation_scores_every_photo_once(
+    speed, photos: Path, tiny: dict[str, str], tmp_path: Path
+) -> None:
     paths = speed.list_images(photos)
-    default = speed.backbone_for("auto")
-    other = speed.backbone_for("fp32" if default.bf16 else "bf16")
+    default = speed.backbone_for("auto", **tiny)
+    other = speed.backbone_for("fp32" if default.bf16 else "bf16", **tiny)
     result = speed.precision_top1_cv(paths, {"bf16": default, "fp32": other} if default.bf16 else
                                      {"fp32": default, "bf16": other}, tmp_path, folds=4)
     assert result["images"] == 24 and result["folds"] == 4

@@ -85,14 +85,16 @@ def test_prepare(corpus: im.Corpus, tmp_path: Path) -> None:
         assert classes[item.label] == corpus.class_of(item.path)
 
 
-def test_prepare_tfrecords_and_train_from_them(corpus: im.Corpus, corpus_run: Path, tmp_path: Path) -> None:
+def test_prepare_tfrecords_and_train_from_them(
+    corpus: im.Corpus, corpus_run: Path, tiny: dict[str, str], tmp_path: Path
+) -> None:
     records = tmp_path / "records"
     prepared = prepare_tfrecords(corpus.root, records, eval_fraction=0.25, shards=2)
     assert_reported_once(corpus, [(s.path, s.reason) for s in prepared.skipped])
     filenames = [rec.filename for rec in read_tfrecords(records)]
     assert sorted(filenames) == sorted(p.relative_to(corpus.root).as_posix() for p in corpus.good)
     run = tmp_path / "run"
-    florist.train(records, run, mode="head", epochs=3, tta=False)
+    florist.train(records, run, mode="head", epochs=3, tta=False, **tiny)  # corpus_run's backbone
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert (metrics["n_train"] + metrics["n_eval"], metrics["n_skipped"]) == (len(corpus.good), 0)
     assert metrics["features_computed"] == 0, "same bytes as the folder route: served from the cache"
@@ -129,14 +131,16 @@ def test_predict(corpus: im.Corpus, corpus_run: Path) -> None:
             assert len(p.labels) == 2 and set(p.labels) <= set(corpus.classes)
 
 
-def test_cli_prepare_train_evaluate(corpus: im.Corpus, corpus_run: Path, tmp_path: Path) -> None:
+def test_cli_prepare_train_evaluate(
+    corpus: im.Corpus, corpus_run: Path, tiny_cli: list[str], tmp_path: Path
+) -> None:
     result = runner.invoke(app, ["prepare", str(corpus.root), "--out", str(tmp_path / "prep")])
     assert result.exit_code == 0, result.output
     assert f"{len(corpus.bad)} skipped" in result.stdout
 
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(corpus.root), "--out", str(run), "--mode", "head", "--epochs", "3",
-                                 "--eval-fraction", "0.25", "--no-tta", "--quiet", "--json"])
+                                 "--eval-fraction", "0.25", "--no-tta", *tiny_cli, "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_skipped"] == len(corpus.bad)
     assert f"{len(corpus.bad)} file(s) skipped" in result.stderr

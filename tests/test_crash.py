@@ -120,20 +120,22 @@ def assert_same_model(run: Path, reference: Path, cache: Path, reference_cache: 
 
 
 @pytest.fixture(scope="module")
-def head_reference(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def head_reference(
+    photos: Path, tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
     """An uninterrupted head run with its own, initially empty cache: (run, cache)."""
     root = tmp_path_factory.mktemp("head-reference")
-    florist.train(photos, root / "run", cache_dir=root / "cache", **HEAD)
+    florist.train(photos, root / "run", cache_dir=root / "cache", **HEAD, **tiny)
     assert valid_entries(root / "cache") == HEAD_ENTRIES
     return root / "run", root / "cache"
 
 
 @pytest.mark.slow
 def test_killed_while_caching_features_resumes_to_the_same_model(
-    photos: Path, tmp_path: Path, head_reference: tuple[Path, Path]
+    photos: Path, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path, head_reference: tuple[Path, Path]
 ) -> None:
     run, cache = tmp_path / "run", tmp_path / "cache"
-    argv = train_cmd(photos, run, cache, HEAD_ARGS)
+    argv = train_cmd(photos, run, cache, [*HEAD_ARGS, *tiny_cli])
 
     killed_at(f"{ENTRY}:3:torn", argv)  # mid-write of the 3rd entry
     assert valid_entries(cache) == 2
@@ -149,7 +151,7 @@ def test_killed_while_caching_features_resumes_to_the_same_model(
     cached = valid_entries(cache)
 
     if not is_complete(run):  # the random kill may come after model.json, as the process exits
-        florist.train(photos, run, cache_dir=cache, **HEAD)
+        florist.train(photos, run, cache_dir=cache, **HEAD, **tiny)
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["features_computed"] == HEAD_ENTRIES - cached, "every entry the killed runs wrote is reused"
     assert valid_entries(cache) == HEAD_ENTRIES
@@ -158,10 +160,10 @@ def test_killed_while_caching_features_resumes_to_the_same_model(
 
 @pytest.mark.slow
 def test_killed_while_writing_the_run_folder_resumes_to_the_same_model(
-    photos: Path, tmp_path: Path, head_reference: tuple[Path, Path]
+    photos: Path, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path, head_reference: tuple[Path, Path]
 ) -> None:
     run, cache = tmp_path / "run", tmp_path / "cache"
-    argv = train_cmd(photos, run, cache, HEAD_ARGS)
+    argv = train_cmd(photos, run, cache, [*HEAD_ARGS, *tiny_cli])
 
     killed_at("metrics.json:1:after", argv)  # features cached, head trained, metrics written
     assert valid_entries(cache) == HEAD_ENTRIES
@@ -176,15 +178,17 @@ def test_killed_while_writing_the_run_folder_resumes_to_the_same_model(
     assert (run / "model.safetensors").exists() and not (run / "model.json").exists()
     assert_unfinished(run)
 
-    florist.train(photos, run, cache_dir=cache, **HEAD)  # no --overwrite needed: the run never finished
+    florist.train(photos, run, cache_dir=cache, **HEAD, **tiny)  # no --overwrite: the run never finished
     assert json.loads((run / "metrics.json").read_text())["features_computed"] == 0
     assert_same_model(run, head_reference[0], cache, head_reference[1])
 
 
 @pytest.mark.slow
-def test_finetune_killed_mid_checkpoint_resumes_from_the_last_good_one(photos: Path, tmp_path: Path) -> None:
+def test_finetune_killed_mid_checkpoint_resumes_from_the_last_good_one(
+    photos: Path, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path
+) -> None:
     run, cache = tmp_path / "run", tmp_path / "cache"
-    argv = train_cmd(photos, run, cache, FINETUNE_ARGS)
+    argv = train_cmd(photos, run, cache, [*FINETUNE_ARGS, *tiny_cli])
 
     # warm-start features cached (30 entries), then killed mid-write of the 10th decoded-pixels entry
     killed_at(f"{ENTRY}:40:torn", argv)
@@ -198,25 +202,28 @@ def test_finetune_killed_mid_checkpoint_resumes_from_the_last_good_one(photos: P
     assert checkpoint is not None and checkpoint["history"]["step"] == [3], "epoch 1's checkpoint, intact"
     assert_unfinished(run)
 
-    florist.train(photos, run, cache_dir=cache, **FINETUNE)
+    florist.train(photos, run, cache_dir=cache, **FINETUNE, **tiny)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["finetune"]["resumed_from_epoch"] == 1
     assert metrics["features_computed"] == 0
     assert not (run / CHECKPOINT).exists()
 
     reference = tmp_path / "reference"
-    florist.train(photos, reference, cache_dir=tmp_path / "reference-cache", **FINETUNE)
+    florist.train(photos, reference, cache_dir=tmp_path / "reference-cache", **FINETUNE, **tiny)
     assert json.loads((reference / "metrics.json").read_text())["finetune"]["resumed_from_epoch"] == 0
     assert_same_model(run, reference, cache, tmp_path / "reference-cache")
 
 
 @pytest.mark.slow
-def test_two_runs_sharing_one_cache_at_once(photos: Path, tmp_path: Path, head_reference: tuple[Path, Path]) -> None:
+def test_two_runs_sharing_one_cache_at_once(
+    photos: Path, tiny_cli: list[str], tmp_path: Path, head_reference: tuple[Path, Path]
+) -> None:
     """Both compute the same entries at the same time: both succeed, every entry is whole, same models."""
     cache = tmp_path / "cache"
+    args = [*HEAD_ARGS, *tiny_cli]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "florist", *train_cmd(photos, tmp_path / f"run{i}", cache, HEAD_ARGS)],
+            [sys.executable, "-m", "florist", *train_cmd(photos, tmp_path / f"run{i}", cache, args)],
             stderr=subprocess.PIPE,
         )
         for i in range(2)
@@ -231,10 +238,12 @@ def test_two_runs_sharing_one_cache_at_once(photos: Path, tmp_path: Path, head_r
         assert_same_model(tmp_path / f"run{i}", head_reference[0], cache, head_reference[1])
 
 
-def test_a_second_train_into_a_busy_run_folder_is_refused(photos: Path, tmp_path: Path) -> None:
+def test_a_second_train_into_a_busy_run_folder_is_refused(
+    photos: Path, tiny: dict[str, str], tmp_path: Path
+) -> None:
     """While one process writes a run folder, another train into it fails at once and touches nothing."""
     run = tmp_path / "run"
     with folder_lock(run):
         with pytest.raises(FloristError, match="being written by another florist process"):
-            florist.train(photos, run, **HEAD)
+            florist.train(photos, run, **HEAD, **tiny)
     assert sorted(p.name for p in run.iterdir()) == [".florist.lock"]

@@ -46,8 +46,8 @@ def test_bad_files_get_errors_not_exceptions(trained_run: Path, photos: Path, tm
     assert preds["notes.txt"].to_dict() == {"path": str(tmp_path / "notes.txt"), "error": preds["notes.txt"].error}
 
 
-def test_loaded_model_matches_the_trained_one(photos: Path, tmp_path: Path) -> None:
-    trained = florist.train(photos, tmp_path / "run", epochs=3, mode="head")
+def test_loaded_model_matches_the_trained_one(photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:
+    trained = florist.train(photos, tmp_path / "run", epochs=3, mode="head", **tiny)
     loaded = florist.load(tmp_path / "run")
     files = sorted((photos / "blue").iterdir())[:4]
     a, _ = trained.predict_proba(files)

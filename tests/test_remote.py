@@ -150,12 +150,14 @@ def test_output_is_uploaded_while_written_and_on_failure(mem: str, tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def mem_run(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def mem_run(
+    photos: Path, tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
     """Photos on memory://, a head-mode run trained from there into memory://; and its cache folder."""
     root = f"memory://{uuid.uuid4().hex[:8]}"
     _upload(photos, f"{root}/photos")
     cache = tmp_path_factory.mktemp("mem-cache")
-    florist.train(f"{root}/photos", f"{root}/runs/head", cache_dir=cache, **HEAD)
+    florist.train(f"{root}/photos", f"{root}/runs/head", cache_dir=cache, **HEAD, **tiny)
     yield root, cache
     _memfs().rm(root.removeprefix("memory://"), recursive=True)
 
@@ -183,7 +185,9 @@ def test_train_evaluate_predict_on_memory(mem_run: tuple[str, Path]) -> None:
     assert predictions[-1].path.endswith("/photos/blue/blue_02.jpg")
 
 
-def test_tfrecords_on_memory_train_the_same_model(mem_run: tuple[str, Path], tmp_path: Path, monkeypatch) -> None:
+def test_tfrecords_on_memory_train_the_same_model(
+    mem_run: tuple[str, Path], tiny: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
     root, cache = mem_run
     records = f"{root}/records"
     florist.prepare(f"{root}/photos", f"{root}/prep", eval_fraction=0.25)
@@ -195,7 +199,7 @@ def test_tfrecords_on_memory_train_the_same_model(mem_run: tuple[str, Path], tmp
     assert sorted(_files(records)) == ["eval.tfrecord", "labels.txt", "skipped.csv", "train.tfrecord"], (
         "the 2-shard files were replaced"
     )
-    florist.train(records, f"{root}/runs/tfr", cache_dir=cache, **HEAD)
+    florist.train(records, f"{root}/runs/tfr", cache_dir=cache, **HEAD, **tiny)
     from_folder = load_tensors(_files(f"{root}/runs/head")["model.safetensors"])
     from_records = load_tensors(_files(f"{root}/runs/tfr")["model.safetensors"])
     assert all(torch.equal(from_folder[k], from_records[k]) for k in from_folder)
@@ -208,11 +212,14 @@ def test_tfrecords_on_memory_train_the_same_model(mem_run: tuple[str, Path], tmp
 
 
 @pytest.mark.slow
-def test_finetune_resumes_from_a_remote_checkpoint(photos: Path, mem: str, tmp_path: Path) -> None:
+def test_finetune_resumes_from_a_remote_checkpoint(
+    photos: Path, mem: str, tiny: dict[str, str], tmp_path: Path
+) -> None:
     """A run killed after its first epoch left checkpoint.pt remotely; the re-run resumes from it."""
     import florist.finetune as ft
 
     settings = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 9, "warmup": 0.25}
+    settings.update(tiny)
     original = ft._Tracker.__call__
 
     def crash_after_checkpoint(self, history):
@@ -267,9 +274,9 @@ def s3(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     server.stop()
 
 
-def test_cli_train_evaluate_predict_on_s3(s3: str) -> None:
+def test_cli_train_evaluate_predict_on_s3(s3: str, tiny_cli: list[str]) -> None:
     run = f"{s3}/runs/cli"
-    args = ["--mode", "head", "--eval-fraction", "0.25", "--quiet"]
+    args = ["--mode", "head", "--eval-fraction", "0.25", "--quiet", *tiny_cli]
     result = runner.invoke(app, ["train", f"{s3}/photos", "--out", run, *args, "--json"])
     assert result.exit_code == 0, result.output
     trained = json.loads(result.output)
@@ -315,16 +322,18 @@ def test_storage_failures_are_one_line_errors(s3: str, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_feature_extraction_is_bit_identical(photos: Path, s3: str, tmp_path: Path) -> None:
+def test_torchrun_feature_extraction_is_bit_identical(
+    photos: Path, s3: str, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path
+) -> None:
     """2 CPU processes (gloo), data and run on S3, each extracting its half: the same cached features
     and the same head as one process on the local folder."""
-    one = florist.train(photos, tmp_path / "one", mode="head", eval_fraction=0.25, cache_dir=tmp_path / "c1")
+    one = florist.train(photos, tmp_path / "one", **HEAD, cache_dir=tmp_path / "c1", **tiny)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run = f"{s3}/runs/ddp"
     result = subprocess.run(
         [*torchrun, "-m", "florist", "train", f"{s3}/photos", "--out", run, "--mode", "head",
-         "--eval-fraction", "0.25", "--cache-dir", str(tmp_path / "c2"), "--quiet"],
+         "--eval-fraction", "0.25", "--cache-dir", str(tmp_path / "c2"), "--quiet", *tiny_cli],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

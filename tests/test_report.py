@@ -26,12 +26,12 @@ CLASSES = {"grey one": (128, 128, 128), "x<y & z": (128, 128, 128), "red": (200,
 
 
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mixed_run(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, str]) -> Path:
     """A finished run with misclassified eval images and one skipped file."""
     photos = write_photos(tmp_path_factory.mktemp("mixed") / "photos", n_per_class=8, colours=CLASSES, seed=3)
     (photos / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     run = tmp_path_factory.mktemp("run") / "mixed"
-    florist.train(photos, run, epochs=5, eval_fraction=0.5, mode="head")
+    florist.train(photos, run, epochs=5, eval_fraction=0.5, mode="head", **tiny)
     return run
 
 
@@ -115,15 +115,15 @@ def test_report_needs_a_finished_run(tmp_path: Path) -> None:
     assert "no finished model" in result.output
 
 
-def test_run_without_eval_split(photos: Path, tmp_path: Path) -> None:
+def test_run_without_eval_split(photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:
     run = tmp_path / "run"
-    florist.train(photos, run, epochs=2, eval_fraction=0.0)
+    florist.train(photos, run, epochs=2, eval_fraction=0.0, **tiny)
     page = _page(run)
     assert "No eval split in this run" in page and (run / "curves.png").is_file()
     assert not (run / "confusion_matrix.png").exists() and not (run / "eval_predictions.csv").exists()
 
 
-def test_tensorboard_gets_confusion_matrix_inputs_and_hparams(mixed_run: Path) -> None:
+def test_tensorboard_gets_confusion_matrix_inputs_and_hparams(mixed_run: Path, tiny_backbone) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(mixed_run / "tb"), size_guidance={"images": 0})
@@ -132,7 +132,8 @@ def test_tensorboard_gets_confusion_matrix_inputs_and_hparams(mixed_run: Path) -
     assert {"eval/confusion_matrix", "final/confusion_matrix", "inputs/clean", "inputs/flip"} <= set(tags["images"])
     assert {"loss/train", "top1/eval", "hparam/top1"} <= set(tags["scalars"])
     inputs = events.Images("inputs/clean")[0]
-    assert (inputs.width, inputs.height) == (224 * 8, 224)  # 8 training images side by side
+    side = tiny_backbone.data_config["input_size"][-1]  # 160
+    assert (inputs.width, inputs.height) == (side * 8, side)  # 8 training images side by side
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     epochs = json.loads((mixed_run / "metrics.json").read_text())["history"]["step"]
     assert len(epochs) > 1

@@ -294,11 +294,14 @@ def test_single_file_is_split_like_the_photo_folder(photos: Path, tmp_path: Path
         assert [(it.label, it.sha256) for it in a] == [(it.label, it.sha256) for it in b]
 
 
-def test_training_on_records_matches_the_folder_route(photos: Path, trained_run: Path, tmp_path: Path) -> None:
+def test_training_on_records_matches_the_folder_route(
+    photos: Path, trained_run: Path, tmp_path: Path, tiny: dict[str, str]
+) -> None:
     """Same photos, same split and seed: same eval images, same top-1, the same weights."""
     records, run = tmp_path / "records", tmp_path / "run"
     prepare_tfrecords(photos, records, shards=2, eval_fraction=0.25)
-    florist.train(records, run, epochs=10, mode="head")  # as trained_run: same photos, epochs, eval_fraction
+    # as trained_run: same photos, backbone, epochs, eval_fraction
+    florist.train(records, run, epochs=10, mode="head", **tiny)
     folder_metrics = json.loads((trained_run / "metrics.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert _shas(run / "eval.csv") == _shas(trained_run / "eval.csv")
@@ -325,11 +328,14 @@ def test_cli_prepare_tfrecord(photos: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_cli_train_on_a_corrupt_record_is_one_line(three_records: Path, tmp_path: Path) -> None:
+def test_cli_train_on_a_corrupt_record_is_one_line(
+    three_records: Path, tmp_path: Path, tiny_cli: list[str]
+) -> None:
     raw = bytearray(three_records.read_bytes())
     raw[-1] ^= 0xFF
     three_records.write_bytes(bytes(raw))
-    result = runner.invoke(app, ["train", str(three_records.parent), "--out", str(tmp_path / "run"), "--quiet"])
+    out = str(tmp_path / "run")
+    result = runner.invoke(app, ["train", str(three_records.parent), "--out", out, "--quiet", *tiny_cli])
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     last = record_offsets(three_records)[-1]

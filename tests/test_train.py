@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BACKBONE
 from safetensors.torch import load_file
 
 import florist
@@ -32,15 +33,15 @@ def test_train_writes_a_complete_run(trained_run: Path) -> None:
     assert {"prepare_s", "features_s", "train_s", "total_s"} <= set(metrics["timings"])
 
 
-def test_bundle_is_plain_tensors_and_json(trained_run: Path) -> None:
+def test_bundle_is_plain_tensors_and_json(trained_run: Path, tiny_backbone) -> None:
     meta = json.loads((trained_run / MODEL_JSON).read_text())
     assert meta["classes"] == ["blue", "green", "red"]
-    assert meta["backbones"][0]["timm_name"] == "tf_efficientnet_lite0"
-    assert meta["preprocessing"][0]["input_size"] == [3, 224, 224]
-    assert meta["preprocessing"][0]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["backbones"][0]["timm_name"] == TINY_BACKBONE
+    assert meta["preprocessing"][0]["input_size"] == tiny_backbone.data_config["input_size"] == [3, 160, 160]
+    assert meta["preprocessing"][0]["mean"] == tiny_backbone.data_config["mean"]
     assert meta["tta_views"] == ["clean", "flip"]
     state = load_file(str(trained_run / "model.safetensors"))
-    assert state["fc.weight"].shape == (3, 1280)
+    assert state["fc.weight"].shape == (3, tiny_backbone.num_features)
 
 
 def test_tensorboard_logs_loss_accuracy_lr(trained_run: Path) -> None:
@@ -54,44 +55,48 @@ def test_tensorboard_logs_loss_accuracy_lr(trained_run: Path) -> None:
     assert len(losses) == 10 and losses[-1] < losses[0]
 
 
-def test_second_train_reuses_cached_features(photos: Path, tmp_path: Path) -> None:
+def test_second_train_reuses_cached_features(photos: Path, tmp_path: Path, tiny: dict) -> None:
     cache = tmp_path / "cache"
-    florist.train(photos, tmp_path / "a", epochs=1, cache_dir=cache, mode="head")
+    florist.train(photos, tmp_path / "a", epochs=1, cache_dir=cache, mode="head", **tiny)
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    florist.train(photos, tmp_path / "b", epochs=1, cache_dir=cache, lr=0.01, mode="head")
+    florist.train(photos, tmp_path / "b", epochs=1, cache_dir=cache, lr=0.01, mode="head", **tiny)
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert first["features_computed"] == 2 * 24  # clean + flip view of every image
     assert second["features_computed"] == 0
 
 
-def test_same_seed_same_weights_other_seed_differs(photos: Path, tmp_path: Path) -> None:
+def test_same_seed_same_weights_other_seed_differs(photos: Path, tmp_path: Path, tiny: dict) -> None:
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        florist.train(photos, tmp_path / name, epochs=2, seed=seed, mode="head")
+        florist.train(photos, tmp_path / name, epochs=2, seed=seed, mode="head", **tiny)
     a, b, c = (load_file(str(tmp_path / n / "model.safetensors"))["fc.weight"] for n in "abc")
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
 
 
-def test_refuses_to_overwrite_a_finished_run(trained_run: Path, photos: Path, tmp_path: Path) -> None:
+def test_refuses_to_overwrite_a_finished_run(
+    trained_run: Path, photos: Path, tmp_path: Path, tiny: dict
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = (run / "model.safetensors").read_bytes()
     with pytest.raises(FloristError, match="already holds a trained model"):
-        florist.train(photos, run, epochs=1, mode="head")
+        florist.train(photos, run, epochs=1, mode="head", **tiny)
     assert (run / "model.safetensors").read_bytes() == before
-    florist.train(photos, run, epochs=1, seed=9, overwrite=True, mode="head")
+    florist.train(photos, run, epochs=1, seed=9, overwrite=True, mode="head", **tiny)
     assert (run / "model.safetensors").read_bytes() != before
 
 
-def test_interrupted_run_does_not_look_finished(photos: Path, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_run_does_not_look_finished(
+    photos: Path, tmp_path: Path, tiny: dict, monkeypatch
+) -> None:
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     # florist.train is the function; the module lives in sys.modules.
     monkeypatch.setattr(sys.modules["florist.train"], "save_bundle", crash)
     with pytest.raises(KeyboardInterrupt):
-        florist.train(photos, tmp_path / "run", epochs=1, mode="head")
+        florist.train(photos, tmp_path / "run", epochs=1, mode="head", **tiny)
     assert not (tmp_path / "run" / MODEL_JSON).exists()
     with pytest.raises(FloristError, match="no finished model"):
         florist.load(tmp_path / "run")
@@ -155,11 +160,11 @@ def test_label_smoothing_and_dropout_change_training() -> None:
     assert head.dropout.p == 0.5
 
 
-def test_train_per_class_and_no_eval(photos: Path, tmp_path: Path) -> None:
-    florist.train(photos, tmp_path / "a", epochs=1, train_per_class=5, mode="head")
+def test_train_per_class_and_no_eval(photos: Path, tmp_path: Path, tiny: dict) -> None:
+    florist.train(photos, tmp_path / "a", epochs=1, train_per_class=5, mode="head", **tiny)
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_eval"]) == (15, 9)
-    florist.train(photos, tmp_path / "b", epochs=1, eval_fraction=0.0, mode="head")
+    florist.train(photos, tmp_path / "b", epochs=1, eval_fraction=0.0, mode="head", **tiny)
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_eval"]) == (24, 0)
     assert "top1" not in metrics
@@ -176,10 +181,13 @@ def test_flowers_head_reaches_90_percent(flower_photos: Path, tmp_path: Path) ->
     assert pred[0].labels[0] in model.classes
 
 
-def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path) -> None:
+def test_precision_is_stored_and_keys_the_cache(photos: Path, tmp_path: Path, tiny: dict) -> None:
     from florist.features import feature_key
 
-    models = {p: florist.train(photos, tmp_path / p, epochs=2, precision=p, mode="head") for p in ("fp32", "bf16")}
+    models = {
+        p: florist.train(photos, tmp_path / p, epochs=2, precision=p, mode="head", **tiny)
+        for p in ("fp32", "bf16")
+    }
     for precision, model in models.items():
         meta = json.loads((tmp_path / precision / MODEL_JSON).read_text())
         assert meta["bf16"] is (precision == "bf16")
@@ -217,7 +225,9 @@ def test_backbone_lists_are_checked(photos: Path, tmp_path: Path, overrides: dic
         florist.train(photos, tmp_path / "run", **{"mode": "head", **overrides})
 
 
-def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_path: Path) -> None:
+def test_run_json_records_how_to_reproduce(
+    trained_run: Path, photos: Path, tmp_path: Path, tiny: dict
+) -> None:
     info = json.loads((trained_run / "run.json").read_text())
     assert info["n_images"] == 24 and info["seed"] == 0
     assert info["config"]["epochs"] == 10
@@ -227,25 +237,25 @@ def test_run_json_records_how_to_reproduce(trained_run: Path, photos: Path, tmp_
     # the data hash follows content: change one image and it changes
     copy = tmp_path / "photos"
     shutil.copytree(photos, copy)
-    florist.train(copy, tmp_path / "a", epochs=1, mode="head")
+    florist.train(copy, tmp_path / "a", epochs=1, mode="head", **tiny)
     same = json.loads((tmp_path / "a" / "run.json").read_text())["data_sha256"]
     victim = sorted((copy / "red").iterdir())[0]
     from PIL import Image
 
     Image.new("RGB", (50, 50), (250, 0, 0)).save(victim)
-    florist.train(copy, tmp_path / "b", epochs=1, mode="head")
+    florist.train(copy, tmp_path / "b", epochs=1, mode="head", **tiny)
     changed = json.loads((tmp_path / "b" / "run.json").read_text())["data_sha256"]
     assert same == info["data_sha256"]
     assert changed != same
 
 
-def test_photos_that_are_symlinks_to_elsewhere(photos: Path, tmp_path: Path) -> None:
+def test_photos_that_are_symlinks_to_elsewhere(photos: Path, tmp_path: Path, tiny: dict) -> None:
     """A class folder of links to files stored elsewhere (a common way to make subsets)."""
     linked = tmp_path / "linked"
     for source in sorted(photos.rglob("*.jpg")):
         target = linked / source.parent.name / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(source)
-    florist.train(linked, tmp_path / "run", epochs=1, mode="head")
+    florist.train(linked, tmp_path / "run", epochs=1, mode="head", **tiny)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["n_images"] == 24 and len(info["data_sha256"]) == 64

@@ -17,26 +17,21 @@ from florist.features import feature_key
 from florist.tune import TopConfig, fit_top, split_backbone
 
 
-@pytest.fixture(scope="module")
-def lite0() -> Backbone:
-    return create_backbone("efficientnet_lite0")
-
-
-def test_bottom_then_top_equals_the_whole_backbone(lite0: Backbone) -> None:
-    split = split_backbone(lite0, 4)
-    assert split.activation_shape == (192, 7, 7)
-    x = torch.randn(2, 3, 224, 224)
+def test_bottom_then_top_equals_the_whole_backbone(tiny_backbone: Backbone) -> None:
+    split = split_backbone(tiny_backbone, 2)  # the tiny net's 5 blocks: one per stage
+    assert split.activation_shape == (32, 20, 20)
+    x = torch.randn(2, *tiny_backbone.data_config["input_size"])
     with torch.inference_mode():
-        whole = lite0.model(x)
+        whole = tiny_backbone.model(x)
         parts = split.top(split.bottom(x))
     torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
-    assert "blocks.5.1." in split.top_prefixes and "conv_head." in split.top_prefixes
-    assert "blocks.5.0." not in split.top_prefixes
+    assert split.top_prefixes == ["blocks.3.0.", "blocks.4.0.", "conv_head.", "bn2."]
+    assert "blocks.2.0." not in split.top_prefixes
 
 
-def test_block_count_is_checked(lite0: Backbone) -> None:
-    with pytest.raises(FloristError, match="between 1 and 16"):
-        split_backbone(lite0, 17)
+def test_block_count_is_checked(tiny_backbone: Backbone) -> None:
+    with pytest.raises(FloristError, match="between 1 and 5"):
+        split_backbone(tiny_backbone, 6)
 
 
 def test_unsupported_architecture_is_a_clear_error() -> None:
@@ -48,13 +43,13 @@ def test_unsupported_architecture_is_a_clear_error() -> None:
         split_backbone(backbone, 2)
 
 
-def test_fit_top_learns_and_keeps_bn_statistics() -> None:
-    backbone = create_backbone("efficientnet_lite0")
+def test_fit_top_learns_and_keeps_bn_statistics(tiny: dict[str, str]) -> None:
+    backbone = create_backbone(tiny["backbone"], tiny["weights"])  # its own copy: this test trains it
     split = split_backbone(backbone, 1)
     bn = backbone.model.bn2
     mean_before = bn.running_mean.clone()
     rng = np.random.default_rng(0)
-    images = torch.zeros(2, 3, 224, 224)
+    images = torch.zeros(2, *backbone.data_config["input_size"])
     images[0, 0] = 1.0  # red
     images[1, 2] = 1.0  # blue
     with torch.inference_mode():
@@ -75,20 +70,23 @@ def test_fit_top_learns_and_keeps_bn_statistics() -> None:
     assert not any(p.requires_grad for p in backbone.model.parameters())
 
 
-def test_tune_top_run_saves_and_reloads_the_tuned_blocks(photos: Path, tmp_path: Path) -> None:
+def test_tune_top_run_saves_and_reloads_the_tuned_blocks(
+    photos: Path, tmp_path: Path, tiny: dict[str, str], tiny_backbone: Backbone
+) -> None:
     run = tmp_path / "run"
-    model = florist.train(photos, run, mode="tune-top", blocks=2, epochs=8, views=1)
+    model = florist.train(photos, run, mode="tune-top", blocks=2, epochs=8, views=1, **tiny)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mode"] == "tune-top" and metrics["top1"] == 1.0
     state = load_file(str(run / "model.safetensors"))
     tuned = sorted(k for k in state if k.startswith("backbone."))
-    assert tuned and all(k.startswith(("backbone.blocks.5.3.", "backbone.blocks.6.0.", "backbone.conv_head.", "backbone.bn2.")) for k in tuned)
-    base = create_backbone("efficientnet_lite0")
-    assert not torch.equal(state["backbone.conv_head.weight"], base.model.conv_head.weight)
+    top = ("backbone.blocks.3.0.", "backbone.blocks.4.0.", "backbone.conv_head.", "backbone.bn2.")
+    assert tuned and all(k.startswith(top) for k in tuned)
+    assert all(any(k.startswith(p) for k in tuned) for p in top)
+    assert not torch.equal(state["backbone.conv_head.weight"], tiny_backbone.model.conv_head.weight)
 
     loaded = florist.load(run)
     assert loaded.backbone.tuned_id == model.backbone.tuned_id is not None
-    assert feature_key(loaded.backbone) != feature_key(base)  # never mixes cached features
+    assert feature_key(loaded.backbone) != feature_key(tiny_backbone)  # never mixes cached features
     files = sorted((photos / "red").iterdir())[:3]
     a, _ = model.predict_proba(files)
     b, _ = loaded.predict_proba(files)
@@ -96,20 +94,21 @@ def test_tune_top_run_saves_and_reloads_the_tuned_blocks(photos: Path, tmp_path:
     assert florist.evaluate(run)["top1"] == metrics["top1"]
 
 
-def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path) -> None:
-    florist.train(photos, tmp_path / "run", mode="tune-top", blocks=1, epochs=8, views=1, precision="bf16")
+def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:
+    florist.train(
+        photos, tmp_path / "run", mode="tune-top", blocks=1, epochs=8, views=1, precision="bf16", **tiny
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["top1"] == 1.0
     assert metrics["history"]["loss"][-1] < metrics["history"]["loss"][0]
 
 
-def test_a_backbone_without_efficientnet_blocks_cannot_be_split() -> None:
+def test_a_backbone_without_efficientnet_blocks_cannot_be_split(tiny_backbone: Backbone) -> None:
     import timm
 
     from florist.tune import can_split
 
-    lite0 = create_backbone("efficientnet_lite0")
-    resnet = Backbone(timm.create_model("test_resnet"), lite0.spec, lite0.data_config)
-    assert can_split(lite0) and not can_split(resnet)
+    resnet = Backbone(timm.create_model("test_resnet"), tiny_backbone.spec, tiny_backbone.data_config)
+    assert can_split(tiny_backbone) and not can_split(resnet)
     with pytest.raises(FloristError, match="not ResNet; use --mode head"):
         split_backbone(resnet, 1)
