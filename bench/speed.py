@@ -95,9 +95,9 @@ def timed_rate(run: Callable[[], int], repeats: int, warmup: bool = True) -> dic
 
 def backbone_for(precision: str, backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
     """``backbone`` (default: florist's) as ``florist train --precision PRECISION`` sets it up."""
-    backbone = create_backbone(backbone, weights)
-    backbone.bf16 = TrainConfig(precision=precision).use_bf16
-    return backbone
+    net = create_backbone(backbone, weights)
+    net.bf16 = TrainConfig(precision=precision).use_bf16
+    return net
 
 
 # ---------------------------------------------------------------------------

@@ -89,10 +89,15 @@ def tiny(tiny_weights: Path) -> dict[str, str]:
     return {"backbone": TINY_BACKBONE, "weights": str(tiny_weights)}
 
 
+def cli_flags(settings: dict) -> list[str]:
+    """``florist.train`` keyword settings as the ``florist train`` flags that say the same."""
+    return [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+
+
 @pytest.fixture(scope="session")
 def tiny_cli(tiny: dict[str, str]) -> list[str]:
     """The same as :func:`tiny`, as ``florist train`` flags."""
-    return ["--backbone", tiny["backbone"], "--weights", tiny["weights"]]
+    return cli_flags(tiny)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import seeded_weights
 from PIL import Image
 
 from florist.backbones import create_backbone
@@ -160,12 +161,8 @@ def test_cache_entries_are_served_without_reading_the_image(tiny_backbone, image
 
 
 def test_feature_key_separates_what_matters(tiny_backbone, tmp_path):
-    import timm
-    from safetensors.torch import save_file
-
-    other = tmp_path / "other.safetensors"  # a second tiny network, same 160 px and 256 features
-    state = timm.create_model("test_efficientnet_gn", pretrained=False).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(other))
+    # a second tiny network, same 160 px and 256 features
+    other = seeded_weights("test_efficientnet_gn", tmp_path / "other.safetensors")
     assert feature_key(tiny_backbone) != feature_key(create_backbone("test_efficientnet_gn", other))
     keys = {feature_key(tiny_backbone, view) for view in ("clean", "flip", "aug0", "aug1")}
     assert len(keys) == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_flags, seeded_weights
 from safetensors.torch import load_file
 
 import florist
@@ -28,7 +29,8 @@ from florist.finetune import (
 )
 from florist.loop import History
 
-TINY = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 6, "warmup": 0.25}
+#: A finetune run of a few steps.
+SHORT = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 6, "warmup": 0.25}
 
 
 def _cfg(**changes) -> FinetuneConfig:
@@ -142,17 +144,17 @@ def test_device_choice() -> None:
 @pytest.fixture(scope="module")
 def finetuned(photos: Path, tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("ft") / "run"
-    florist.train(photos, run, **TINY, **tiny)
+    florist.train(photos, run, **SHORT, **tiny)
     return run
 
 
-def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: Path, tiny: dict[str, str]) -> None:
+def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: Path, tiny_backbone) -> None:
     metrics = json.loads((finetuned / "metrics.json").read_text())
     assert metrics["mode"] == "finetune"
     assert metrics["history"]["step"][-1] == 4
     assert not (finetuned / CHECKPOINT).exists(), "a finished run keeps no checkpoint"
     state = load_file(finetuned / "model.safetensors")
-    pretrained = create_backbone(tiny["backbone"], tiny["weights"]).model.state_dict()
+    pretrained = tiny_backbone.model.state_dict()
     stem = state["backbone.conv_stem.weight"]
     assert not torch.equal(stem, pretrained["conv_stem.weight"]), "the stem was trained too"
     assert torch.equal(state["backbone.bn1.running_mean"], pretrained["bn1.running_mean"]), "BN stats frozen"
@@ -169,7 +171,7 @@ def test_finetune_saves_a_whole_backbone_that_predicts_as_evaluated(finetuned: P
 
 
 def test_finetune_starts_from_the_tune_top_model(
-    photos: Path, tmp_path: Path, finetuned: Path, tiny: dict[str, str]
+    photos: Path, tmp_path: Path, finetuned: Path, tiny: dict[str, str], tiny_backbone
 ) -> None:
     """With learning rates too small to move anything, finetune ends where tune-top ended."""
     assert json.loads((finetuned / "metrics.json").read_text())["finetune"]["warm_start"] == "tune-top"
@@ -179,7 +181,7 @@ def test_finetune_starts_from_the_tune_top_model(
     )
     top = load_file(tmp_path / "top" / "model.safetensors")
     still = load_file(tmp_path / "still" / "model.safetensors")
-    pretrained = create_backbone(tiny["backbone"], tiny["weights"]).model.state_dict()
+    pretrained = tiny_backbone.model.state_dict()
     assert not torch.equal(top["backbone.conv_head.weight"], pretrained["conv_head.weight"]), "tune-top trained it"
     for name, tensor in top.items():
         torch.testing.assert_close(still[name], tensor, atol=1e-6, rtol=0, msg=name)
@@ -188,14 +190,9 @@ def test_finetune_starts_from_the_tune_top_model(
 
 
 def test_finetune_of_a_backbone_tune_top_cannot_split_starts_from_a_head(photos: Path, tmp_path: Path) -> None:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    weights = tmp_path / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, weights)
+    weights = seeded_weights("test_resnet", tmp_path / "test_resnet.safetensors")
     run = tmp_path / "run"
-    florist.train(photos, run, backbone="test_resnet", weights=str(weights), **TINY)
+    florist.train(photos, run, backbone="test_resnet", weights=str(weights), **SHORT)
     assert json.loads((run / "metrics.json").read_text())["finetune"]["warm_start"] == "head"
 
 
@@ -211,7 +208,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(photos: Path, tmp_path
         raise KeyboardInterrupt("simulated kill")
         return stop
 
-    settings = {**TINY, "steps": 8, "batch_size": 9, **tiny}  # 18 training images: 2 steps per epoch
+    settings = {**SHORT, "steps": 8, "batch_size": 9, **tiny}  # 18 training images: 2 steps per epoch
     ft._Tracker.__call__ = crash_after_checkpoint
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -249,10 +246,10 @@ def test_checkpoint_of_other_settings_is_not_resumed(photos: Path, tmp_path: Pat
     ft._Tracker.__call__ = crash
     try:
         with pytest.raises(KeyboardInterrupt):
-            florist.train(photos, run, **{**TINY, "steps": 8, "batch_size": 9}, **tiny)
+            florist.train(photos, run, **{**SHORT, "steps": 8, "batch_size": 9}, **tiny)
     finally:
         ft._Tracker.__call__ = original
-    florist.train(photos, run, **{**TINY, "steps": 8, "batch_size": 9, "seed": 1}, **tiny)
+    florist.train(photos, run, **{**SHORT, "steps": 8, "batch_size": 9, "seed": 1}, **tiny)
     assert json.loads((run / "metrics.json").read_text())["finetune"]["resumed_from_epoch"] == 0
 
 
@@ -277,14 +274,17 @@ def _torchrun_train(photos: Path, run: Path, flags: list[str]) -> None:
 
 
 def _updates(run: Path, start: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every trained tensor of ``run`` minus where training started, as one vector."""
+    """Every trained tensor of ``run`` minus where training started (the head from 0), as one vector."""
     state = load_file(run / "model.safetensors")
-    return torch.cat([(state[k].float() - start.get(k.removeprefix("backbone."), 0)).flatten() for k in sorted(state)])
+    before = {k: start[k.removeprefix("backbone.")] if k.startswith("backbone.") else 0 for k in state}
+    return torch.cat([(state[k].float() - before[k]).flatten() for k in sorted(state)])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_torchrun_two_processes_match_one(precision: str, photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:
+def test_torchrun_two_processes_match_one(
+    precision: str, photos: Path, tmp_path: Path, tiny: dict[str, str], tiny_backbone
+) -> None:
     """2 CPU processes (gloo) split every batch of 6 in two and reach the single-process weights.
 
     In fp32 the only difference is the order of floating-point sums (3 + 3 examples, then an
@@ -293,10 +293,10 @@ def test_torchrun_two_processes_match_one(precision: str, photos: Path, tmp_path
     there the check is relative: the two-process run lands far closer to the one-process run than
     a run with another seed (another split and batch order) does.
     """
-    settings = {**TINY, "precision": precision, **tiny}
+    settings = {**SHORT, "precision": precision, **tiny}
     florist.train(photos, tmp_path / "one", **settings)
-    _torchrun_train(photos, tmp_path / "two", [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
-    start = create_backbone(tiny["backbone"], tiny["weights"]).model.state_dict()
+    _torchrun_train(photos, tmp_path / "two", cli_flags(settings))
+    start = tiny_backbone.model.state_dict()
     u1, u2 = _updates(tmp_path / "one", start), _updates(tmp_path / "two", start)
     m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     assert (m2["n_train"], m2["n_eval"], m2["history"]["step"]) == (m1["n_train"], m1["n_eval"], m1["history"]["step"])

@@ -26,6 +26,7 @@ import images as im  # tests/images.py
 import numpy as np
 import psutil
 import pytest
+from conftest import seeded_weights
 from PIL import Image
 from servers import florist_serve  # tests/servers.py
 
@@ -47,16 +48,10 @@ MIB = 2**20
 @pytest.fixture(scope="module")
 def tiny_onnx(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A florist run on a tiny random timm network (weights from a local file), exported to ONNX."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
     folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    net = timm.create_model("test_resnet", pretrained=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "test_resnet.safetensors")
+    weights = seeded_weights("test_resnet", folder / "test_resnet.safetensors")
     run = folder / "run"
-    florist.train(photos, run, backbone="test_resnet", weights=str(folder / "test_resnet.safetensors"),
+    florist.train(photos, run, backbone="test_resnet", weights=str(weights),
                   mode="head", epochs=2, eval_fraction=0.25, tta=False)
     export(run, folder / "tiny.onnx", check_images=2)
     return folder / "tiny.onnx"
