@@ -50,8 +50,9 @@ from readme_table import update_readme  # bench/readme_table.py
 from torch.utils.data import DataLoader, Dataset
 
 import florist
-from florist.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from florist.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_spec
 from florist.data import class_files, find_class_folders
+from florist.errors import FloristError
 from florist.features import (
     FeatureCache,
     _ImageFiles,
@@ -479,6 +480,10 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="recompute the ratios in --out and rebuild the README table")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:  # a bad --backbone or --weights is one line, before any measurement
+        resolve_spec(args.backbone, args.weights)
+    except FloristError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.rss_child:
         paths = list_images(args.data, args.images) * args.rss_child
         print(json.dumps(peak_rss_child(paths, args.backbone, args.weights)))

@@ -99,3 +99,10 @@ def test_precision_cross_validation_scores_every_photo_once(
         top1 = result[precision]["top1"]
         assert 0.9 <= top1 <= 1 and round(top1 * 24) == top1 * 24  # whole photos; the colours are easy
     assert result["difference_points"] == round(100 * abs(result["bf16"]["top1"] - result["fp32"]["top1"]), 2)
+
+
+def test_a_bad_backbone_is_one_line_before_any_measurement(speed, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--quick", "--backbone", "not_a_net"])
+    with pytest.raises(SystemExit, match="^error: unknown backbone 'not_a_net'") as raised:
+        speed.main()
+    assert "\n" not in str(raised.value)
