@@ -49,3 +49,4 @@ clean:
 
 docs: install
 	$(VENV)/bin/typer florist.cli utils docs --name florist --output docs/cli.md
+	$(PY) docs/mode_defaults.py

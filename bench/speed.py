@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 import florist
 from florist.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_spec
 from florist.data import class_files, find_class_folders
+from florist.devices import bf16_is_fast, uses_bf16
 from florist.errors import FloristError
 from florist.features import (
     FeatureCache,
@@ -61,8 +62,9 @@ from florist.features import (
     extract_views,
     feature_key,
 )
-from florist.loop import average_probabilities
-from florist.train import TrainConfig, fit_head
+from florist.predict import average_probabilities
+from florist.training import TrainConfig
+from florist.training.linear import fit_head
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flower_photos"
@@ -97,7 +99,7 @@ def timed_rate(run: Callable[[], int], repeats: int, warmup: bool = True) -> dic
 def backbone_for(precision: str, backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
     """``backbone`` (default: florist's) as ``florist train --precision PRECISION`` sets it up."""
     net = create_backbone(backbone, weights)
-    net.bf16 = TrainConfig(precision=precision).use_bf16
+    net.bf16 = uses_bf16(precision)
     return net
 
 
@@ -513,7 +515,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(),
-            "native_bf16": TrainConfig().use_bf16,
+            "native_bf16": bf16_is_fast(),
         },
         "torch": torch.__version__,
         "florist_version": florist.__version__,

@@ -18,7 +18,7 @@ from florist.backbones import (
     load_checkpoint,
     map_state_dict,
 )
-from florist.errors import FloristError
+from florist.errors import FloristError, SettingError
 from florist.features import build_transform
 
 DAISY = 985
@@ -173,9 +173,9 @@ def no_network(monkeypatch):
 
 
 def test_timm_name_without_weights_offline_mentions_weights_option(no_network):
-    with pytest.raises(FloristError) as info:
+    with pytest.raises(SettingError) as info:
         create_backbone("resnet18")
-    assert "--weights" in str(info.value)
+    assert "weights='FILE'" in str(info.value) and "--weights FILE" in info.value.for_cli()
     assert "resnet18" in str(info.value)
 
 

@@ -29,7 +29,8 @@ from florist import FloristError
 from florist.bundle import is_complete
 from florist.features import FeatureCache
 from florist.files import folder_lock
-from florist.finetune import CHECKPOINT, load_checkpoint
+from florist.runfiles import CHECKPOINT
+from florist.training.network import load_checkpoint
 
 CRASHPOINT = Path(__file__).with_name("crashpoint.py")
 

@@ -535,8 +535,9 @@ def test_eval_fraction_zero_puts_everything_in_train():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, None])
 def test_invalid_eval_fraction_is_an_error(bad):
-    with pytest.raises(FloristError, match="eval-fraction"):
+    with pytest.raises(FloristError, match=r"^eval_fraction must be in \[0, 1\), got ") as caught:
         split(items_for({"a": 3, "b": 3}), eval_fraction=bad)
+    assert caught.value.for_cli().startswith("--eval-fraction must be")
 
 
 def test_train_per_class_gives_exactly_n_train():

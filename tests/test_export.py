@@ -58,7 +58,8 @@ def fp32_run(
         [b.data_config for b in nets],
         spec,
         state,
-        {"tta_views": list(tta), "bf16": False},
+        tta_views=list(tta),
+        bf16=False,
     )
     save_bundle(run, bundle)
     return run
@@ -197,9 +198,10 @@ def test_quantized_export_reports_its_top1_change(
 def test_export_errors(trained_run: Path, exported_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(FloristError, match="run folder not found"):
         export(tmp_path / "missing", tmp_path / "m.onnx")
-    with pytest.raises(FloristError, match="--quantize needs --format onnx"):
+    with pytest.raises(FloristError, match="quantize needs format='onnx'") as caught:
         export(trained_run, tmp_path / "m.pt", format="torchscript", quantize=True)
-    with pytest.raises(FloristError, match="--format must be one of"):
+    assert caught.value.for_cli().startswith("--quantize needs --format onnx")
+    with pytest.raises(FloristError, match="format must be one of"):
         export(trained_run, tmp_path / "m.tflite", format="tflite")
     with pytest.raises(FloristError, match="already an exported model"):
         export(exported_onnx, tmp_path / "again.onnx")

@@ -15,12 +15,12 @@ from florist.backbones import create_backbone
 from florist.features import (
     FeatureCache,
     build_transform,
-    default_cache_dir,
     extract_features,
     feature_key,
     view_names,
 )
 from florist.files import sha256_file
+from florist.remote import default_cache_dir
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 210), (240, 220, 30)]
 

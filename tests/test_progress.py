@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import torch
 
-from florist.loop import run_steps
 from florist.progress import format_stats, progress_bar
+from florist.training.loop import run_steps
 
 
 def test_not_a_terminal_gives_plain_log_lines(caplog) -> None:

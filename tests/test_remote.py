@@ -15,13 +15,15 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load as load_arrays
 from safetensors.torch import load as load_tensors
 from typer.testing import CliRunner
 
 import florist
 from florist import FloristError, remote
 from florist.cli import app
-from florist.features import default_cache_dir
+from florist.inputs import localize
+from florist.remote import default_cache_dir
 
 runner = CliRunner()
 HEAD = {"mode": "head", "eval_fraction": 0.25}
@@ -66,7 +68,7 @@ def test_urls_are_told_from_local_paths(photos: Path, tmp_path: Path) -> None:
     assert remote.join("s3://b/runs/x/", "metrics.json") == "s3://b/runs/x/metrics.json"
     with pytest.raises(FloristError, match="must be a local folder"):
         remote.require_local("gs://bucket/cache", "the feature cache")
-    with pytest.raises(FloristError, match="feature cache"):
+    with pytest.raises(FloristError, match="cache_dir must be a local folder, got memory://cache"):
         florist.train(tmp_path, tmp_path / "run", cache_dir="memory://cache")
     with pytest.raises(FloristError, match="unknown-proto"):
         remote.stage("unknown-proto://x/y")
@@ -97,7 +99,7 @@ def test_input_is_fetched_once_and_follows_remote_changes(mem: str, tmp_path: Pa
 
     single = remote.stage(f"{mem}/two.txt", siblings=["labels.txt"], root=tmp_path)
     assert single.path.read_bytes() == b"2 changed" and single.path.name == "two.txt"
-    assert remote.localize([f"{mem}/two.txt#7", "local.jpg"], root=tmp_path) == [f"{single.path}#7", "local.jpg"]
+    assert localize([f"{mem}/two.txt#7", "local.jpg"], root=tmp_path) == [f"{single.path}#7", "local.jpg"]
 
     with pytest.raises(FloristError, match=f"not found: {mem}/nope"):
         remote.stage(f"{mem}/nope", root=tmp_path)
@@ -216,7 +218,7 @@ def test_finetune_resumes_from_a_remote_checkpoint(
     photos: Path, mem: str, tiny: dict[str, str], tmp_path: Path
 ) -> None:
     """A run killed after its first epoch left checkpoint.pt remotely; the re-run resumes from it."""
-    import florist.finetune as ft
+    import florist.training.network as ft
 
     settings = {"mode": "finetune", "eval_fraction": 0.25, "steps": 4, "batch_size": 9, "warmup": 0.25}
     settings.update(tiny)
@@ -322,11 +324,15 @@ def test_storage_failures_are_one_line_errors(s3: str, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_feature_extraction_is_bit_identical(
+def test_torchrun_feature_extraction_matches_one_process(
     photos: Path, s3: str, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path
 ) -> None:
-    """2 CPU processes (gloo), data and run on S3, each extracting its half: the same cached features
-    and the same head as one process on the local folder."""
+    """2 CPU processes (gloo), data and run on S3, each extracting its half: the cached features and
+    the head of one process on the local folder, to float rounding.
+
+    Not bit for bit: which other images share a batch can change the last bits of a convolution
+    (measured on an AVX2-only CPU: up to 2e-5 on features of size ~10; none with AVX512-BF16).
+    """
     one = florist.train(photos, tmp_path / "one", **HEAD, cache_dir=tmp_path / "c1", **tiny)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -338,18 +344,20 @@ def test_torchrun_feature_extraction_is_bit_identical(
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    def features(cache: Path) -> dict[str, bytes]:
+    def features(cache: Path) -> dict[str, np.ndarray]:
         return {
-            p.relative_to(cache).as_posix(): p.read_bytes()
+            p.relative_to(cache).as_posix(): load_arrays(p.read_bytes())["features"]
             for p in cache.rglob("*.safetensors") if "remote" not in p.relative_to(cache).parts
         }
 
     single, double = features(tmp_path / "c1"), features(tmp_path / "c2")
     assert len(single) == 48, "24 images x (clean, flip)"
-    assert single.keys() == double.keys()
-    assert all(single[k] == double[k] for k in single), "bit-identical features"
+    assert single.keys() == double.keys(), "the same cache entries"
+    for key in single:
+        np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=key)
     two = load_tensors(_files(run)["model.safetensors"])
-    assert all(torch.equal(one.head.state_dict()[k], two[k]) for k in two), "and so the same head"
+    for name, tensor in two.items():
+        torch.testing.assert_close(tensor, one.head.state_dict()[name], rtol=1e-3, atol=1e-4)
     assert not list((tmp_path / "c2" / "remote").glob("out-*")), "rank 0 uploaded the run and cleaned up"
     metrics = json.loads(_files(run)["metrics.json"])
     assert np.isclose(metrics["top1"], 1.0)

@@ -14,7 +14,7 @@ import florist
 from florist import FloristError
 from florist.backbones import Backbone, BackboneSpec, create_backbone
 from florist.features import feature_key
-from florist.tune import TopConfig, fit_top, split_backbone
+from florist.training.blocks import TopConfig, fit_top, split_backbone
 
 
 def test_bottom_then_top_equals_the_whole_backbone(tiny_backbone: Backbone) -> None:
@@ -39,8 +39,9 @@ def test_unsupported_architecture_is_a_clear_error() -> None:
 
     model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     backbone = Backbone(model, BackboneSpec("resnet18", "resnet18", "file", "x"), {"input_size": [3, 64, 64]})
-    with pytest.raises(FloristError, match="--mode head"):
+    with pytest.raises(FloristError, match="use mode='head'") as caught:
         split_backbone(backbone, 2)
+    assert caught.value.for_cli().startswith("--mode tune-top supports")
 
 
 def test_fit_top_learns_and_keeps_bn_statistics(tiny: dict[str, str]) -> None:
@@ -106,9 +107,9 @@ def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path, tiny: 
 def test_a_backbone_without_efficientnet_blocks_cannot_be_split(tiny_backbone: Backbone) -> None:
     import timm
 
-    from florist.tune import can_split
+    from florist.training.blocks import can_split
 
     resnet = Backbone(timm.create_model("test_resnet"), tiny_backbone.spec, tiny_backbone.data_config)
     assert can_split(tiny_backbone) and not can_split(resnet)
-    with pytest.raises(FloristError, match="not ResNet; use --mode head"):
+    with pytest.raises(FloristError, match="not ResNet; use mode='head'"):
         split_backbone(resnet, 1)

@@ -6,7 +6,7 @@
 
 Stages, one module each, data flowing one way:
 photos -> :mod:`~florist.data` (prepare) -> :mod:`~florist.features` (with
-:mod:`~florist.backbones`) -> :mod:`~florist.train` -> :mod:`~florist.bundle`
+:mod:`~florist.backbones`) -> :mod:`~florist.training` -> :mod:`~florist.bundle`
 -> :mod:`~florist.predict` / :mod:`~florist.evaluate` -> :mod:`~florist.export`
 -> :mod:`~florist.serve`; :mod:`~florist.report` shows a run as HTML and
 :mod:`~florist.audit` checks a photo folder before training.
@@ -20,18 +20,20 @@ from .audit import audit
 from .data import prepare
 from .errors import FloristError
 from .evaluate import evaluate
-from .prediction import Prediction, load
+from .loader import load
+from .prediction import Prediction
+from .training import TrainConfig
+from .version import __version__
 
 try:
     from .backbones import create_backbone
     from .predict import Classifier
     from .report import write_report
-    from .train import TrainConfig, train
+    from .training.pipeline import train
 except ModuleNotFoundError as e:  # a torch-less install serves exported ONNX models only
     if e.name not in ("torch", "torchvision", "timm"):
         raise
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Classifier",

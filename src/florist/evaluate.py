@@ -18,6 +18,7 @@ from . import remote
 from .data import scan
 from .errors import FloristError
 from .progress import ProgressFn
+from .runfiles import EVAL_CSV, MODEL_JSON, MODEL_WEIGHTS
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
@@ -92,15 +93,15 @@ def evaluate(
     Returns:
         :func:`compute_metrics`'s dict plus ``"skipped"`` (path, reason) pairs.
     """
-    from .bundle import MODEL_JSON, MODEL_WEIGHTS
     from .data import read_manifest
-    from .predict import load
+    from .inputs import localize
+    from .loader import load
 
-    with remote.local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS, "eval.csv"]) as run:
+    with remote.local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS, EVAL_CSV]) as run:
         model = load(run.path)
         if data_dir is None:
-            items = read_manifest(run.path / "eval.csv", model.classes)
-            paths = remote.localize([it.path for it in items])
+            items = read_manifest(run.path / EVAL_CSV, model.classes)
+            paths = localize([it.path for it in items])
             skipped: list[tuple[str, str]] = []
     if data_dir is not None:
         with remote.local_input(data_dir) as data:

@@ -33,15 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import read_bundle
 from .data import BadImage, Item, read_file, read_manifest
-from .errors import FloristError
+from .errors import FloristError, SettingError, literal
 from .files import atomic_write_bytes
+from .loader import load_run
 from .predict import Classifier
-from .prediction import is_onnx
 from .preprocess import ModelInput, image_arrays, model_inputs
 from .progress import ProgressFn
+from .runfiles import EVAL_CSV, TRAIN_CSV
 from .runtime import EXPORT_FORMAT, METADATA_KEY, OUTPUT_NAME, ArrayClassifier, OnnxClassifier
+from .version import __version__
 
 log = logging.getLogger("florist")
 
@@ -104,10 +105,6 @@ class TorchGraphClassifier(ArrayClassifier):
         self.inputs = self.graph.inputs
         self.tta_views = self.graph.views
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path) -> "TorchGraphClassifier":
-        return cls(load_run(run_dir))
-
     @torch.inference_mode()
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         tensors = [
@@ -116,17 +113,8 @@ class TorchGraphClassifier(ArrayClassifier):
         return self.graph(*tensors).numpy()
 
 
-def load_run(run_dir: str | Path) -> Classifier:
-    """The PyTorch classifier of a run folder (an ``.onnx`` file is refused with a clear message)."""
-    if is_onnx(run_dir):
-        raise FloristError(f"{run_dir} is already an exported model; export reads a run folder")
-    return Classifier.from_bundle(read_bundle(run_dir))
-
-
 def export_metadata(classifier: Classifier, inputs: Sequence[ModelInput], precision: str) -> dict[str, Any]:
     """The ``florist`` metadata stored in an exported file: all a runtime needs besides the graph."""
-    from . import __version__
-
     return {
         "format": EXPORT_FORMAT,
         "florist_version": __version__,
@@ -170,7 +158,7 @@ def check_batch(run: Path, classes: Sequence[str], inputs: Sequence[ModelInput],
     Falls back to two synthetic images (noise with a gradient) when no listed file
     can be read any more, so an export never depends on the photos still being there.
     """
-    for name in ("eval.csv", "train.csv"):
+    for name in (EVAL_CSV, TRAIN_CSV):
         items = _manifest_items(run, classes, name)
         stride = max(1, len(items) // max(1, n))
         images = []
@@ -328,7 +316,7 @@ def compare_quantized(
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
     """Top-1 of the fp32 and int8 models on the run's eval split (first ``limit`` images spread over it)."""
-    items = _manifest_items(run, classes, "eval.csv")
+    items = _manifest_items(run, classes, EVAL_CSV)
     if limit and len(items) > limit:
         items = items[:: len(items) // limit][:limit]
     if not items:
@@ -379,11 +367,11 @@ def export(
             export whose probabilities differ from PyTorch's by more than :data:`PARITY_TOLERANCE`.
     """
     if format not in FORMATS:
-        raise FloristError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise SettingError(f"{{format}} must be one of {', '.join(FORMATS)}, got {literal(format)}")
     if quantize and format != "onnx":
-        raise FloristError("--quantize needs --format onnx (ONNX Runtime int8 quantization)")
+        raise SettingError("{quantize} needs {format:onnx} (ONNX Runtime int8 quantization)")
     if check_images < 1:
-        raise FloristError(f"--check-images must be >= 1, got {check_images}")
+        raise SettingError(f"{{check_images}} must be >= 1, got {literal(check_images)}")
     run, out = Path(run_dir), Path(out)
     classifier = load_run(run)
     graph = ExportGraph(classifier)

@@ -40,20 +40,6 @@ log = logging.getLogger("florist")
 #: Bump when the way features are computed changes, so stale cache entries are not reused.
 FEATURE_VERSION = 1
 
-ENV_CACHE = "FLORIST_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$FLORIST_CACHE`` if set, else the user cache folder (e.g. ``~/.cache/florist``)."""
-    if os.environ.get(ENV_CACHE):
-        from .remote import require_local
-
-        return require_local(os.environ[ENV_CACHE], f"the feature cache (${ENV_CACHE})")
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("florist"))
-
-
 # ---------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ stored preprocessing, so it sees images exactly as training did.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,21 +18,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, state_id
 from .bundle import BACKBONE_PREFIX, Bundle, build_head
 from .errors import FloristError
-from .features import FeatureResult, default_cache_dir, extract_concat, merged_errors
-from .loop import average_probabilities
-from .prediction import Prediction, load, rank  # noqa: F401 (load, Prediction: this module's API)
+from .features import FeatureResult, extract_concat, merged_errors
+from .inputs import expand_inputs
+from .prediction import Prediction, rank
 from .progress import ProgressFn
-from .remote import expand_inputs
-from .tune import state_id
+from .remote import default_cache_dir
 
 
 class Classifier:
     """A frozen backbone plus a trained head, with the class names and preprocessing.
 
-    Use :func:`load` to get one from a run folder.
+    Use :func:`florist.load` to get one from a run folder.
 
     Attributes:
         tta_views: views whose probabilities are averaged at prediction time
@@ -59,7 +58,7 @@ class Classifier:
     def from_bundle(cls, bundle: Bundle) -> "Classifier":
         backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
         for b, data_config in zip(backbones, bundle.data_configs):
-            b.bf16 = bool(bundle.extra.get("bf16", False))
+            b.bf16 = bundle.bf16
             b.data_config = dict(data_config)  # the preprocessing the model was trained and evaluated with
         backbone = backbones[0]
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
@@ -68,17 +67,10 @@ class Classifier:
             if unknown:
                 raise FloristError(f"model.safetensors has backbone tensors this backbone lacks: {sorted(unknown)[:3]}")
             backbone.model.load_state_dict(tuned, strict=False)
-            backbone.tuned_id = bundle.extra.get("tuned_id") or state_id(tuned)
+            backbone.tuned_id = bundle.tuned_id or state_id(tuned)
         head = build_head(bundle.head)
         head.load_state_dict({k: v for k, v in bundle.state.items() if not k.startswith(BACKBONE_PREFIX)})
-        return cls(backbones, head, bundle.classes, tta_views=bundle.extra.get("tta_views", ["clean"]), bundle=bundle)
-
-    @torch.inference_mode()
-    def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
-        """Softmax probabilities ``[N, classes]`` for pooled features ``[N, D]``."""
-        if len(features) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return average_probabilities(self.head, [features])
+        return cls(backbones, head, bundle.classes, tta_views=bundle.tta_views, bundle=bundle)
 
     def probabilities_from_views(self, views: dict[str, FeatureResult]) -> tuple[np.ndarray, dict[int, str]]:
         """Average the probabilities of :attr:`tta_views`; rows of unreadable images are NaN."""
@@ -124,3 +116,27 @@ class Classifier:
         names, paths = [name for name, _ in pairs], [path for _, path in pairs]
         probs, errors = self.predict_proba(paths, progress=progress)
         return rank(names, probs, errors, self.classes, top_k)
+
+
+@torch.inference_mode()
+def average_probabilities(
+    forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[np.ndarray], batch_size: int = 256
+) -> np.ndarray:
+    """Softmax of ``forward`` on each view's array, averaged over views (test-time augmentation).
+
+    ``views`` holds one ``[N, ...]`` array per view of the same N images (features or
+    cached activations, any float dtype); the modules behind ``forward`` must already
+    be in eval mode. Returns ``[N, classes]`` float32 (``[0, 0]`` for no images).
+    """
+    if not len(views) or not len(views[0]):
+        return np.zeros((0, 0), dtype=np.float32)
+    total = None
+    for array in views:
+        probs = torch.cat(
+            [
+                forward(torch.as_tensor(array[i : i + batch_size]).float()).float().softmax(1)
+                for i in range(0, len(array), batch_size)
+            ]
+        )
+        total = probs if total is None else total + probs
+    return (total / len(views)).numpy()

@@ -1,8 +1,7 @@
-"""What every back end returns, and the one :func:`load` that picks the back end.
+"""What every back end returns: :class:`Prediction` objects, ranked the same way.
 
-Kept free of torch: a run folder is loaded with PyTorch (:class:`florist.predict.Classifier`),
-an exported ``.onnx`` file with ONNX Runtime (:class:`florist.runtime.OnnxClassifier`),
-and both give the same :class:`Prediction` objects.
+Kept free of torch: a run folder's model (:class:`florist.predict.Classifier`) and an
+exported ``.onnx`` file (:class:`florist.runtime.OnnxClassifier`) both answer with these.
 """
 
 from __future__ import annotations
@@ -10,15 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-from .errors import FloristError
-
-if TYPE_CHECKING:
-    from .predict import Classifier
-    from .runtime import OnnxClassifier
 
 
 @dataclass
@@ -59,31 +52,3 @@ def rank(
 def is_onnx(path: str | Path) -> bool:
     """True for a path naming an exported ONNX model (rather than a run folder)."""
     return Path(path).suffix.lower() == ".onnx"
-
-
-def load(path: str | Path) -> "Classifier | OnnxClassifier":
-    """Load a trained classifier: a run folder (PyTorch) or an exported ``.onnx`` file (ONNX Runtime).
-
-    ``path`` may be a URL (``gs://bucket/runs/x``, ``s3://...``): its model files are fetched
-    into the local cache once, and again only when they change.
-
-    Both have ``classes``, ``predict(inputs, top_k)`` and ``predict_proba(paths)``. Loading
-    never unpickles: run folders hold safetensors + JSON, ONNX files a protobuf graph.
-
-    Raises:
-        FloristError: if ``path`` holds no finished, compatible model.
-    """
-    from .remote import local_input
-
-    if is_onnx(path):
-        from .runtime import OnnxClassifier
-
-        with local_input(path) as model:  # a URL is fetched into the local cache once
-            return OnnxClassifier(model.path)
-    if Path(path).is_file():
-        raise FloristError(f"{path} is a file: expected a run folder or an exported .onnx model")
-    from .bundle import MODEL_JSON, MODEL_WEIGHTS, read_bundle
-    from .predict import Classifier
-
-    with local_input(path, only=[MODEL_JSON, MODEL_WEIGHTS]) as run:
-        return Classifier.from_bundle(read_bundle(run.path))

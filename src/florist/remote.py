@@ -39,7 +39,6 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,18 +48,15 @@ from typing import Any
 from . import distributed as dist
 from .errors import FloristError
 from .files import atomic_write_csv, atomic_write_json, read_csv
+from .runfiles import MANIFESTS, MODEL_JSON, RUN_JSON
 
 log = logging.getLogger("florist")
 
 #: Seconds between uploads of a remote output's new and changed files while it is written.
 SYNC_EVERY_S = 60.0
-#: The completion mark of a run folder: uploaded last, and only when the run succeeded.
-COMPLETION_MARK = "model.json"
 #: Listing fields that identify a file's version, whichever of them the filesystem reports.
 VERSION_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "updated", "mtime",
                   "created")
-#: Manifests whose ``path`` column names input files (rewritten to URLs by :func:`relocate`).
-MANIFESTS = ("train.csv", "eval.csv", "skipped.csv")
 
 
 def is_remote(path: str | os.PathLike[str] | None) -> bool:
@@ -93,6 +89,21 @@ def require_local(path: str | os.PathLike[str], what: str) -> Path:
             "on a cloud machine use its local disk"
         )
     return local_path(path)
+
+
+ENV_CACHE = "FLORIST_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """florist's local cache: ``$FLORIST_CACHE`` if set, else the user cache folder (e.g. ``~/.cache/florist``).
+
+    It holds the feature cache and the local copies of remote data (under ``remote/``).
+    """
+    if os.environ.get(ENV_CACHE):
+        return require_local(os.environ[ENV_CACHE], f"the feature cache (${ENV_CACHE})")
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("florist"))
 
 
 def join(base: str | os.PathLike[str], name: str) -> str:
@@ -171,7 +182,7 @@ def local_input(
             and weights) rather than everything under it.
         siblings: for a file, also fetch these files next to it when they exist
             (a TFRecord file's ``labels.txt``).
-        root: cache folder to stage under (default :func:`~florist.features.default_cache_dir`).
+        root: cache folder to stage under (default :func:`default_cache_dir`).
     """
     staged = stage(path, only=only, siblings=siblings, root=root) if is_remote(path) else _as_local(path)
     with staged.naming_urls():
@@ -211,61 +222,20 @@ def stage(
     return Staged(url, local / name if name else local, local, folder_url)
 
 
-def localize(paths: Sequence[str], root: str | Path | None = None) -> list[str]:
-    """Local copies of remote files (and of TFRecord records named ``<file>#<offset>``); local paths pass through.
-
-    Files are fetched per remote folder, only those asked for, and kept for next time.
-    """
-    from .tfrecord import parse_ref, record_ref
-
-    def split(path: str) -> tuple[str, int | None]:
-        ref = parse_ref(path)
-        return ref if ref else (path, None)
-
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for path in paths:
-        file, _ = split(path)
-        if is_remote(file):
-            folder, name = file.rsplit("/", 1)
-            wanted[folder].add(name)
-    copies = {folder: stage(folder, only=names, root=root).path for folder, names in wanted.items()}
-    out = []
-    for path in paths:
-        file, offset = split(path)
-        if is_remote(file):
-            folder, name = file.rsplit("/", 1)
-            file = str(copies[folder] / name)
-        out.append(file if offset is None else record_ref(file, offset))
-    return out
-
-
-def expand_inputs(inputs: Iterable[str | os.PathLike[str]], root: str | Path | None = None) -> list[tuple[str, str]]:
-    """``(name to show, local file)`` for files, folders and glob patterns, local or remote.
-
-    Remote inputs are listed with fsspec (hidden files skipped, folders searched
-    recursively, as :func:`florist.data.iter_paths` does locally) and fetched.
-
-    Raises:
-        FloristError: an input that matches nothing.
-    """
-    from .data import iter_paths
-
-    pairs: list[tuple[str, str]] = []
-    for raw in inputs:
-        if not is_remote(raw):
-            pairs += [(str(p), str(p)) for p in iter_paths([str(local_path(raw))])]
-            continue
-        with _storage_errors(str(raw)):
-            urls = _remote_files(str(raw))
-        pairs += zip(urls, localize(urls, root))
-    return pairs
-
-
-def _remote_files(url: str) -> list[str]:
+def list_files(url: str) -> list[str]:
     """Every non-hidden file a remote file, folder or glob pattern names, as URLs.
 
+    Folders are searched recursively, as :func:`florist.data.iter_paths` does locally.
     Files in a folder are named after the folder's URL as given; glob matches in fsspec's form.
+
+    Raises:
+        FloristError: nothing matches, or the storage cannot be read.
     """
+    with _storage_errors(url):
+        return _list_files(url)
+
+
+def _list_files(url: str) -> list[str]:
     fs, rpath = _filesystem(url)
     fs.invalidate_cache()
     if not glob.has_magic(rpath):
@@ -442,8 +412,8 @@ class _Mirror:
                     stat = path.stat()
                     files[rel] = (stat.st_size, stat.st_mtime_ns)
             changed = [rel for rel, sig in files.items() if self.sent.get(rel) != sig]
-            mark = [rel for rel in changed if rel == COMPLETION_MARK]
-            batches = [[rel for rel in changed if rel != COMPLETION_MARK], mark if final else []]
+            mark = [rel for rel in changed if rel == MODEL_JSON]
+            batches = [[rel for rel in changed if rel != MODEL_JSON], mark if final else []]
             for batch in batches:
                 if batch:
                     self.fs.put([str(self.local / rel) for rel in batch], [f"{self.rpath}/{rel}" for rel in batch])
@@ -494,7 +464,7 @@ def relocate(run_dir: str | Path, data: Staged) -> None:
             atomic_write_csv(
                 run / name, header, ([data.to_url(r[h]) if h == "path" else r[h] for h in header] for r in rows)
             )
-    info = run / "run.json"
+    info = run / RUN_JSON
     if info.is_file():
         meta = json.loads(info.read_text(encoding="utf-8"))
         meta["data_dir"] = data.url
@@ -543,8 +513,6 @@ def _fetches_here() -> bool:
 
 def _staging_root(root: str | Path | None) -> Path:
     if root is None:
-        from .features import default_cache_dir
-
         root = default_cache_dir()
     return Path(root).resolve() / "remote"
 

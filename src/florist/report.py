@@ -29,17 +29,26 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import MODEL_JSON, is_complete
+from .bundle import is_complete
 from .data import BadImage, Item, duplicate_groups, load_image, read_labels, read_manifest
 from .errors import FloristError
 from .files import atomic_write_bytes, atomic_write_csv, atomic_write_text, read_csv
+from .runfiles import (
+    CONFUSION_PNG,
+    CURVES_PNG,
+    EVAL_CSV,
+    METRICS_JSON,
+    MODEL_JSON,
+    PREDICTIONS_CSV,
+    REPORT_HTML,
+    RUN_JSON,
+    SKIPPED_CSV,
+    TENSORBOARD,
+    TRAIN_CSV,
+)
 
 log = logging.getLogger("florist")
 
-REPORT_HTML = "report.html"
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "curves.png"
-PREDICTIONS_CSV = "eval_predictions.csv"
 
 #: Misclassified images shown in the gallery (most confident mistakes first).
 GALLERY_SIZE = 48
@@ -73,7 +82,7 @@ def load_predictions(run_dir: str | Path, classes: list[str]) -> tuple[list[Item
     file gets it computed once from its eval manifest (features come from the cache).
     """
     run = Path(run_dir)
-    items = read_manifest(run / "eval.csv", classes)
+    items = read_manifest(run / EVAL_CSV, classes)
     path = run / PREDICTIONS_CSV
     if path.exists():
         rows = read_csv(path)
@@ -84,7 +93,7 @@ def load_predictions(run_dir: str | Path, classes: list[str]) -> tuple[list[Item
         )
     if not items:
         return [], np.zeros((0, len(classes)))
-    from .predict import load
+    from .loader import load
 
     log.info("computing eval predictions for the report (%d images)", len(items))
     probs, errors = load(run).predict_proba(
@@ -329,17 +338,17 @@ def _summary(metrics: dict[str, Any], info: dict[str, Any], model: dict[str, Any
 
 def _context(run: Path) -> dict[str, Any]:
     """Everything the template shows, gathered from the run folder."""
-    metrics = _read_json(run / "metrics.json")
+    metrics = _read_json(run / METRICS_JSON)
     if not metrics:
         raise FloristError(f"no metrics.json in {run}: not a finished florist run")
-    info = _read_json(run / "run.json")
+    info = _read_json(run / RUN_JSON)
     model = _read_json(run / MODEL_JSON)
     classes = read_labels(run)
     root = info.get("data_dir")
     config = info.get("config") or model.get("train_config") or {}
     has_eval = "top1" in metrics
     train_counts: dict[int, int] = defaultdict(int)
-    for it in read_manifest(run / "train.csv", classes):
+    for it in read_manifest(run / TRAIN_CSV, classes):
         train_counts[it.label] += 1
 
     items, probs = load_predictions(run, classes) if has_eval else ([], np.zeros((0, len(classes))))
@@ -347,7 +356,7 @@ def _context(run: Path) -> dict[str, Any]:
     gallery = [{**g, "thumb": _thumbnail(g["path"])} for g in wrong[:GALLERY_SIZE]]
     skipped = [
         {"path": _rel(r["path"], root), "reason": r["reason"]}
-        for r in _read_csv_or_empty(run / "skipped.csv")
+        for r in _read_csv_or_empty(run / SKIPPED_CSV)
     ]
     per_class = (
         [
@@ -439,7 +448,7 @@ def finish_run(run_dir: str | Path, eval_probs: np.ndarray) -> Path:
     """
     run = Path(run_dir)
     classes = read_labels(run)
-    items = read_manifest(run / "eval.csv", classes)
+    items = read_manifest(run / EVAL_CSV, classes)
     if len(items) != len(eval_probs):
         raise FloristError(f"{len(eval_probs)} eval predictions for {len(items)} eval images in {run}")
     if items:
@@ -453,7 +462,7 @@ class Board:
     """TensorBoard log written during training: the curves after every epoch and the
     held-out confusion matrix after every eval, so a run can be watched while it trains.
 
-    Implements :class:`florist.loop.Board`; use as a context manager to close the log.
+    Implements :class:`florist.training.loop.Board`; use as a context manager to close the log.
     """
 
     def __init__(self, log_dir: str | Path, classes: list[str]):
@@ -498,19 +507,19 @@ def log_to_tensorboard(run_dir: str | Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     run = Path(run_dir)
-    metrics = _read_json(run / "metrics.json")
-    info = _read_json(run / "run.json")
+    metrics = _read_json(run / METRICS_JSON)
+    info = _read_json(run / RUN_JSON)
     model = _read_json(run / MODEL_JSON)
     classes = read_labels(run)
     step = (metrics.get("history", {}).get("step") or [0])[-1]
-    with SummaryWriter(log_dir=str(run / "tb")) as writer:
+    with SummaryWriter(log_dir=str(run / TENSORBOARD)) as writer:
         if (run / CONFUSION_PNG).is_file():
             writer.add_image(
                 "final/confusion_matrix", _png_array((run / CONFUSION_PNG).read_bytes()), step, dataformats="HWC"
             )
         preprocessing = model.get("preprocessing") or []
         if preprocessing:
-            train_items = read_manifest(run / "train.csv", classes)
+            train_items = read_manifest(run / TRAIN_CSV, classes)
             views = metrics.get("views", ["clean"])
             for view, batch in sample_inputs(
                 train_items, preprocessing[0], views, info.get("seed", 0)
@@ -563,29 +572,14 @@ def sample_inputs(
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings as TensorBoard's hparams plugin wants them: numbers, strings and booleans, never None.
+    """A run's resolved settings as TensorBoard's hparams plugin wants them: numbers, strings, booleans.
 
-    Settings left to their mode default are shown with the value the run used.
+    ``run.json`` holds the settings the run used, each mode's defaults filled in, so
+    they are shown as they are; a setting the mode does not read is ``"none"``.
     """
-    from dataclasses import fields
-
-    from .train import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in config.items() if k in known})
-    resolved = {
-        **config,
-        "mode": cfg.resolved_mode,
-        "epochs": cfg.resolved_epochs,
-        "views": cfg.resolved_views,
-        "lr": cfg.resolved_lr,
-        "decay_rate": cfg.resolved_decay_rate,
-        "label_smoothing": cfg.resolved_label_smoothing,
-        "weight_decay": cfg.resolved_weight_decay,
-    }
     return {
         k: ("none" if v is None else v)
-        for k, v in resolved.items()
+        for k, v in config.items()
         if isinstance(v, (int, float, str, bool)) or v is None
     }
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .data import DEFAULT_MAX_PIXELS, BadImage, read_file
 from .errors import FloristError
+from .inputs import expand_inputs
 from .prediction import Prediction, rank
 from .preprocess import ModelInput, image_arrays
 from .progress import ProgressFn
@@ -127,19 +128,9 @@ class ArrayClassifier:
         self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
     ) -> list[Prediction]:
         """Top-``k`` predictions for files, folders (recursive) or glob patterns (as ``Classifier.predict``)."""
-        from .remote import expand_inputs
-
         pairs = expand_inputs(inputs)  # (name as given, local file)
         probs, errors = self.predict_proba([path for _, path in pairs], progress=progress)
         return rank([name for name, _ in pairs], probs, errors, self.classes, top_k)
-
-    def predict_bytes(
-        self, images: Sequence[bytes], names: Sequence[str] | None = None, top_k: int = 5
-    ) -> list[Prediction]:
-        """Top-``k`` predictions for images already in memory (uploads); bad ones get ``error`` set."""
-        arrays, errors = self._read_all(images, lambda data: data)
-        probs = self._probabilities_with_errors(arrays, errors)
-        return rank(names or [""] * len(images), probs, errors, self.classes, top_k)
 
 
 def read_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], list[ModelInput], dict[str, Any]]:

@@ -41,7 +41,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .data import BadImage
 from .errors import FloristError
-from .prediction import is_onnx, rank
+from .loader import load
+from .prediction import rank
 from .runtime import ArrayClassifier
 
 log = logging.getLogger("florist")
@@ -58,13 +59,12 @@ def load_model(path: str | Path) -> ArrayClassifier:
     Raises:
         FloristError: not a finished run folder or a florist-exported ONNX file.
     """
-    if is_onnx(path):
-        from .runtime import OnnxClassifier
-
-        return OnnxClassifier(path)
+    model = load(path)
+    if isinstance(model, ArrayClassifier):  # an exported file, run by ONNX Runtime
+        return model
     from .export import TorchGraphClassifier
 
-    return TorchGraphClassifier.from_run(path)
+    return TorchGraphClassifier(model)
 
 
 # ---------------------------------------------------------------------------

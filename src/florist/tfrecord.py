@@ -60,9 +60,10 @@ from .data import (
     write_labels,
     write_skipped,
 )
-from .errors import FloristError
+from .errors import FloristError, SettingError, literal
 from .files import atomic_open, sha256_bytes
 from .progress import ProgressFn
+from .runfiles import LABELS
 
 SUFFIX = ".tfrecord"
 SPLITS = ("train", "eval")
@@ -414,7 +415,7 @@ def write_tfrecords(
         The files written.
     """
     if shards < 1:
-        raise FloristError(f"--shards must be >= 1, got {shards}")
+        raise SettingError(f"{{shards}} must be >= 1, got {literal(shards)}")
     out, root = Path(out_dir), Path(root)
     written: list[Path] = []
     total, done = len(prepared.train) + len(prepared.eval), 0
@@ -454,7 +455,7 @@ def prepare_tfrecords(
         >>> florist.tfrecord.prepare_tfrecords("flower_photos", "runs/flowers-tfr", shards=4)  # doctest: +SKIP
     """
     if shards < 1:
-        raise FloristError(f"--shards must be >= 1, got {shards}")
+        raise SettingError(f"{{shards}} must be >= 1, got {literal(shards)}")
     # An earlier prepare's shards in a remote out_dir are replaced, as write_tfrecords does locally.
     with remote.local_input(data_dir) as data, remote.local_output(out_dir, replaces=[f"*{SUFFIX}"]) as out:
         prepared = prepare(
@@ -575,7 +576,7 @@ def prepare_records(
     by_split = _splits_of(path)
     refs = {s: [record_ref(f, o) for f in files for o in record_offsets(f)] for s, files in by_split.items()}
     folder = path if path.is_dir() else path.parent
-    if not (folder / "labels.txt").is_file():
+    if not (folder / LABELS).is_file():
         raise FloristError(f"no labels.txt next to the TFRecord files in {folder} (one class name per line)")
     classes = read_labels(folder)
     every = [r for split_refs in refs.values() for r in split_refs]

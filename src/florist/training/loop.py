@@ -9,14 +9,14 @@ per-epoch curves and TensorBoard logging are the same and live here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .progress import ProgressFn
+from ..progress import ProgressFn
 
 
 @dataclass
@@ -153,28 +153,3 @@ def run_steps(
         if on_epoch and on_epoch(history):
             break
     return history
-
-
-@torch.inference_mode()
-def average_probabilities(
-    forward: Callable[[torch.Tensor], torch.Tensor], views: Sequence[np.ndarray], batch_size: int = 256
-) -> np.ndarray:
-    """Softmax of ``forward`` on each view's array, averaged over views (test-time augmentation).
-
-    ``views`` holds one ``[N, ...]`` array per view of the same N images (features or
-    cached activations, any float dtype); the modules behind ``forward`` must already
-    be in eval mode. Returns ``[N, classes]`` float32 (``[0, 0]`` for no images).
-    """
-    if not len(views) or not len(views[0]):
-        return np.zeros((0, 0), dtype=np.float32)
-    total = None
-    for array in views:
-        probs = torch.cat(
-            [
-                forward(torch.as_tensor(array[i : i + batch_size]).float()).float().softmax(1)
-                for i in range(0, len(array), batch_size)
-            ]
-        )
-        total = probs if total is None else total + probs
-    return (total / len(views)).numpy()
-

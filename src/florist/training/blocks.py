@@ -16,7 +16,6 @@ noisy statistics, and the frozen bottom's outputs are distributed as in ImageNet
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone
-from .errors import FloristError
-from .loop import Board, History, average_probabilities, run_steps, warmup_cosine
-from .progress import ProgressFn
+from ..backbones import Backbone
+from ..errors import SettingError, escape, literal
+from ..predict import average_probabilities
+from ..progress import ProgressFn
+from .loop import Board, History, run_steps, warmup_cosine
 
 
 @dataclass
@@ -71,17 +71,19 @@ def split_backbone(backbone: Backbone, blocks: int) -> SplitBackbone:
     """Cut ``backbone`` so the last ``blocks`` blocks (plus the final conv) can be trained.
 
     Raises:
-        FloristError: unsupported architecture or an out-of-range ``blocks``.
+        SettingError: unsupported architecture or an out-of-range ``blocks``.
     """
     model = backbone.model
     if not can_split(backbone):
-        raise FloristError(
-            f"--mode tune-top supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
-            f"timm efficientnet_*, mobilenetv2/3), not {type(model).__name__}; use --mode head"
+        raise SettingError(
+            "{mode:tune-top} supports EfficientNet/MobileNet-style backbones (efficientnet_lite0/1/2, "
+            f"timm efficientnet_*, mobilenetv2/3), not {escape(type(model).__name__)}; use {{mode:head}}"
         )
     named = _named_blocks(model)
     if not 1 <= blocks <= len(named):
-        raise FloristError(f"--blocks must be between 1 and {len(named)} for {backbone.spec.name}, got {blocks}")
+        raise SettingError(
+            f"{{blocks}} must be between 1 and {len(named)} for {escape(backbone.spec.name)}, got {literal(blocks)}"
+        )
     cut = len(named) - blocks
     bottom = nn.Sequential(model.conv_stem, model.bn1, *(b for _, b in named[:cut])).eval()
     top = _Top(*(b for _, b in named[cut:]), model.conv_head, model.bn2, model.global_pool)
@@ -97,27 +99,6 @@ def tuned_state(model: nn.Module, prefixes: Sequence[str]) -> dict[str, torch.Te
     return {k: v for k, v in model.state_dict().items() if any(k.startswith(p) for p in prefixes)}
 
 
-def state_id(state: dict[str, torch.Tensor]) -> str:
-    """A short content hash of tensors, used to key caches of a tuned backbone."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def bf16_is_fast() -> bool:
-    """True where bfloat16 autocast speeds up training: CPUs with native bf16 (AVX512-BF16/AMX).
-
-    Measured on an AVX512-BF16 CPU: tuning the last block trains 1.9x faster with
-    bf16 autocast than in fp32, at the same inner-split accuracy.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def freeze_bn_stats(module: nn.Module) -> None:
     """Keep batch-norm running statistics fixed while the rest of ``module`` trains."""
     for m in module.modules():
@@ -127,7 +108,7 @@ def freeze_bn_stats(module: nn.Module) -> None:
 
 @dataclass
 class TopConfig:
-    """Hyperparameters of top-block training (filled from :class:`florist.train.TrainConfig`)."""
+    """Hyperparameters of top-block training (filled from :class:`florist.training.TrainConfig`)."""
 
     epochs: int
     steps: int | None  # overrides epochs when set

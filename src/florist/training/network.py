@@ -18,7 +18,7 @@ return adapts every layer. What keeps that affordable on a CPU:
 * bf16 autocast and channels_last where the hardware gains from them.
 
 The fine-tuned model is evaluated and saved with a centre crop of the whole
-square (see :func:`florist.train.whole_image`).
+square (see :func:`florist.training.modes.finetune.whole_image`).
 
 After every epoch a checkpoint (``checkpoint.pt``: tensors and numbers only,
 loaded with ``weights_only=True``) lets an interrupted run resume where it
@@ -42,16 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as dist
-from .features import AUGMENT, normalize_pixels, view_seed
-from .files import atomic_write_bytes
-from .loop import Board, History, average_probabilities, run_steps, warmup_cosine
-from .progress import ProgressFn
-from .tune import TopConfig, freeze_bn_stats
+from .. import distributed as dist
+from ..features import AUGMENT, normalize_pixels, view_seed
+from ..files import atomic_write_bytes
+from ..predict import average_probabilities
+from ..progress import ProgressFn
+from ..runfiles import CHECKPOINT
+from .blocks import TopConfig, freeze_bn_stats
+from .loop import Board, History, run_steps, warmup_cosine
 
 log = logging.getLogger("florist")
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass

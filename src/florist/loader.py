@@ -1,0 +1,56 @@
+"""The one way to load a trained model: a run folder (PyTorch) or an exported ``.onnx`` file.
+
+Importing this module needs no torch: an ``.onnx`` file is run by ONNX Runtime,
+and torch is imported only for a run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FloristError
+from .prediction import is_onnx
+from .remote import local_input
+from .runfiles import MODEL_JSON, MODEL_WEIGHTS
+
+if TYPE_CHECKING:
+    from .predict import Classifier
+    from .runtime import OnnxClassifier
+
+
+def load(path: str | Path) -> "Classifier | OnnxClassifier":
+    """Load a trained classifier: a run folder (PyTorch) or an exported ``.onnx`` file (ONNX Runtime).
+
+    ``path`` may be a URL (``gs://bucket/runs/x``, ``s3://...``): its model files are fetched
+    into the local cache once, and again only when they change.
+
+    Both have ``classes``, ``predict(inputs, top_k)`` and ``predict_proba(paths)``. Loading
+    never unpickles: run folders hold safetensors + JSON, ONNX files a protobuf graph.
+
+    Raises:
+        FloristError: if ``path`` holds no finished, compatible model.
+    """
+    if is_onnx(path):
+        from .runtime import OnnxClassifier
+
+        with local_input(path) as model:  # a URL is fetched into the local cache once
+            return OnnxClassifier(model.path)
+    return load_run(path)
+
+
+def load_run(path: str | Path) -> "Classifier":
+    """The PyTorch classifier of a run folder (what export and the server's PyTorch back end start from).
+
+    Raises:
+        FloristError: ``path`` is a file (an exported model, say) or holds no finished, compatible run.
+    """
+    if is_onnx(path):
+        raise FloristError(f"{path} is already an exported model; expected a run folder")
+    if Path(path).is_file():
+        raise FloristError(f"{path} is a file: expected a run folder or an exported .onnx model")
+    from .bundle import read_bundle
+    from .predict import Classifier
+
+    with local_input(path, only=[MODEL_JSON, MODEL_WEIGHTS]) as run:
+        return Classifier.from_bundle(read_bundle(run.path))
