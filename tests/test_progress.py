@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from florist.progress import format_stats, progress_bar
-from florist.training.loop import run_steps
+from florist.training.loop import Plan, Watch, run_steps
 
 
 def test_not_a_terminal_gives_plain_log_lines(caplog) -> None:
@@ -68,16 +68,15 @@ def test_training_steps_report_loss_and_accuracy() -> None:
     history = run_steps(
         lambda batch: head(x[batch]),
         y,
-        total_steps=10,
-        batch_size=8,
-        seed=0,
+        Plan(total_steps=10, batch_size=8, seed=0),
         loss_fn=torch.nn.CrossEntropyLoss(),
         optimizer=opt,
         schedule=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
         train_mode=head.train,
         evaluate=lambda: np.eye(2, dtype=np.float32)[[0, 1, 1, 1]],  # 3 of 4 right
-        eval_labels=np.array([1, 1, 1, 1]),
-        progress=lambda done, total, **stats: calls.append((done, total, stats)),
+        watch=Watch(
+            eval_labels=np.array([1, 1, 1, 1]), progress=lambda done, total, **stats: calls.append((done, total, stats))
+        ),
     )
     assert [c[0] for c in calls] == list(range(1, 11))
     assert all(c[1] == 10 for c in calls)

@@ -15,6 +15,7 @@ from florist import FloristError
 from florist.backbones import Backbone, BackboneSpec, create_backbone
 from florist.features import feature_key
 from florist.training.blocks import TopConfig, fit_top, split_backbone
+from florist.training.loop import Watch
 
 
 def test_bottom_then_top_equals_the_whole_backbone(tiny_backbone: Backbone) -> None:
@@ -63,7 +64,7 @@ def test_fit_top_learns_and_keeps_bn_statistics(tiny: dict[str, str]) -> None:
     before = backbone.model.conv_head.weight.clone()
     cfg = TopConfig(epochs=4, steps=None, batch_size=8, lr_head=0.01, lr_top=1e-3, weight_decay=0.0,
                     label_smoothing=0.0, warmup=0.1, seed=0)
-    curves = fit_top(split, head, acts, y, cfg, eval_acts=[acts], eval_y=y)
+    curves = fit_top(split, head, acts, y, cfg, eval_acts=[acts], watch=Watch(eval_labels=y))
     assert curves.eval_top1[-1] == 1.0
     assert curves.step[-1] == 4 * 3
     assert not torch.equal(backbone.model.conv_head.weight, before)  # the top really trained

@@ -27,8 +27,7 @@ from torch import nn
 from ..backbones import Backbone
 from ..errors import SettingError, escape, literal
 from ..predict import average_probabilities
-from ..progress import ProgressFn
-from .loop import Board, History, run_steps, warmup_cosine
+from .loop import History, Plan, Watch, run_steps, warmup_cosine
 
 
 @dataclass
@@ -147,9 +146,7 @@ def fit_top(
     cfg: TopConfig,
     *,
     eval_acts: Sequence[np.ndarray] = (),
-    eval_y: np.ndarray | None = None,
-    board: Board | None = None,
-    progress: ProgressFn | None = None,
+    watch: Watch | None = None,
 ) -> History:
     """Train ``split.top`` and ``head`` together on cached activations, in place.
 
@@ -187,21 +184,11 @@ def fit_top(
     def evaluate() -> np.ndarray:
         return evaluate_top(top, head, eval_acts)
 
+    plan = Plan(total, cfg.batch_size, cfg.seed)
     history = run_steps(
-        forward,
-        y,
-        total_steps=total,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        loss_fn=loss_fn,
-        optimizer=opt,
-        schedule=schedule,
-        train_mode=train_mode,
-        evaluate=evaluate,
-        eval_labels=eval_y,
-        board=board,
-        progress=progress,
-    )
+        forward, y, plan,
+        loss_fn=loss_fn, optimizer=opt, schedule=schedule, train_mode=train_mode, evaluate=evaluate, watch=watch,
+    )  # fmt: skip
     top.eval()
     head.eval()
     for p in top.parameters():

@@ -17,8 +17,7 @@ from torch import nn
 
 from ..bundle import build_head, linear_head_spec
 from ..predict import average_probabilities
-from ..progress import ProgressFn
-from .loop import Board, History, run_steps
+from .loop import History, Plan, Watch, run_steps
 from .registry import resolve
 from .settings import TrainConfig
 
@@ -47,9 +46,7 @@ def fit_head(
     cfg: TrainConfig,
     *,
     eval_x: Sequence[np.ndarray] = (),
-    eval_y: np.ndarray | None = None,
-    board: Board | None = None,
-    progress: ProgressFn | None = None,
+    watch: Watch | None = None,
 ) -> tuple[nn.Module, History]:
     """Train a linear head on feature arrays; deterministic for a given ``cfg.seed``.
 
@@ -57,10 +54,10 @@ def fit_head(
         train_x, train_y: ``[N, D]`` features and ``[N]`` integer labels.
         num_classes: output size.
         cfg: head-mode settings (``mode`` may be left unset); unset ones take head mode's defaults.
-        eval_x, eval_y: optional held-out features, one array per test-time view (their
-            probabilities are averaged); only measured, never used to choose anything.
-        board: optional live log of the curves and confusion matrices (TensorBoard).
-        progress: optional ``progress(done, total, **stats)`` over steps (see :func:`~florist.training.loop.run_steps`).
+        eval_x: optional held-out features, one array per test-time view (their probabilities
+            are averaged), scored against ``watch.eval_labels``; only measured, never used to
+            choose anything.
+        watch: where each epoch is reported (see :class:`~florist.training.loop.Watch`).
 
     Raises:
         SettingError: a bad setting, or one head mode does not read.
@@ -79,20 +76,10 @@ def fit_head(
         head.eval()
         return average_probabilities(head, eval_x)
 
+    plan = Plan(total, cfg.batch_size, cfg.seed)
     history = run_steps(
-        lambda batch: head(x[batch]),
-        y,
-        total_steps=total,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        loss_fn=loss_fn,
-        optimizer=opt,
-        schedule=schedule,
-        train_mode=head.train,
-        evaluate=evaluate,
-        eval_labels=eval_y,
-        board=board,
-        progress=progress,
-    )
+        lambda batch: head(x[batch]), y, plan,
+        loss_fn=loss_fn, optimizer=opt, schedule=schedule, train_mode=head.train, evaluate=evaluate, watch=watch,
+    )  # fmt: skip
     head.eval()
     return head, history

@@ -37,6 +37,15 @@ class History:
             getattr(self, name).append(value)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which steps a run takes: how many, in batches of what size, in which seeded order."""
+
+    total_steps: int  # the last epoch may be partial
+    batch_size: int
+    seed: int  # seeds the shuffling (same seed -> same order)
+
+
 class Board(Protocol):
     """Where a run's live curves go (TensorBoard in practice: :class:`florist.report.Board`)."""
 
@@ -45,6 +54,21 @@ class Board(Protocol):
 
     def confusion(self, step: int, y_true: np.ndarray, y_pred: np.ndarray) -> None:
         """Log the held-out confusion matrix measured at ``step``."""
+
+
+@dataclass
+class Watch:
+    """What a run reports after each epoch, besides its curves.
+
+    Attributes:
+        eval_labels: classes of the held-out images the ``evaluate`` function scores.
+        board: gets the curves after every epoch and the confusion matrix after every eval.
+        progress: ``progress(done, total, **stats)`` after every step.
+    """
+
+    eval_labels: np.ndarray | None = None
+    board: Board | None = None
+    progress: ProgressFn | None = None
 
 
 def top1(probs: np.ndarray | None, labels: np.ndarray | None) -> float:
@@ -79,33 +103,27 @@ def _local_part(batch: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
 def run_steps(
     forward: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
+    plan: Plan,
     *,
-    total_steps: int,
-    batch_size: int,
-    seed: int,
     loss_fn: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     train_mode: Callable[[], None],
     evaluate: Callable[[], np.ndarray] | None = None,
-    eval_labels: np.ndarray | None = None,
-    board: Board | None = None,
-    progress: ProgressFn | None = None,
+    watch: Watch | None = None,
     history: History | None = None,
     on_epoch: Callable[[History], bool] | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> History:
-    """Run ``total_steps`` shuffled mini-batch steps, recording one history point per epoch.
+    """Run ``plan``'s shuffled mini-batch steps, recording one history point per epoch.
 
     Args:
         forward: batch of example indices -> logits.
         labels: ``[N]`` class of each example.
-        total_steps: optimisation steps (the last epoch may be partial).
-        seed: seeds the shuffling (same seed -> same order).
         train_mode: puts the trained modules in training mode before each epoch.
         evaluate: returns held-out (TTA-averaged) probabilities ``[M, classes]`` after
-            each epoch, scored against ``eval_labels``.
-        board: gets the curves after every epoch and the confusion matrix after every eval.
+            each epoch, scored against ``watch.eval_labels``.
+        watch: where the epoch's results are reported (nowhere by default).
         history: curves of a run being resumed; its last ``step`` is where training
             continues, with the shuffling order an uninterrupted run would have had.
         on_epoch: called with the curves after each epoch; returning True stops training.
@@ -113,7 +131,10 @@ def run_steps(
             ``world_size``-th example of the same global batch, so together they take
             the steps one process would.
     """
-    generator = torch.Generator().manual_seed(seed)
+    total_steps, batch_size = plan.total_steps, plan.batch_size
+    watch = watch or Watch()
+    progress, board, eval_labels = watch.progress, watch.board, watch.eval_labels
+    generator = torch.Generator().manual_seed(plan.seed)
     history = history or History()
     for _ in history.step:  # replay the shuffles of finished epochs
         torch.randperm(len(labels), generator=generator)

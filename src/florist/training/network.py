@@ -33,7 +33,7 @@ import logging
 import math
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,10 +46,9 @@ from .. import distributed as dist
 from ..features import AUGMENT, normalize_pixels, view_seed
 from ..files import atomic_write_bytes
 from ..predict import average_probabilities
-from ..progress import ProgressFn
 from ..runfiles import CHECKPOINT
 from .blocks import TopConfig, freeze_bn_stats
-from .loop import Board, History, run_steps, warmup_cosine
+from .loop import History, Plan, Watch, run_steps, warmup_cosine
 
 log = logging.getLogger("florist")
 
@@ -260,19 +259,19 @@ def fit_finetune(
     *,
     device: torch.device,
     eval_pixels: Sequence[np.ndarray] = (),
-    eval_y: np.ndarray | None = None,
+    watch: Watch | None = None,
     out: Path | None = None,
     checkpoint: dict[str, Any] | None = None,
     notes: dict[str, Any] | None = None,
-    board: Board | None = None,
-    progress: ProgressFn | None = None,
 ) -> tuple[History, np.ndarray, dict[str, Any]]:
     """Fine-tune ``backbone`` and ``head`` in place on random views of ``squares``.
 
     Args:
         squares: ``[N, 3, S, S]`` uint8 training images (``square/u8`` views).
         train_y: ``[N]`` labels.
-        eval_pixels: one ``[M, 3, H, W]`` uint8 array per test-time view.
+        eval_pixels: one ``[M, 3, H, W]`` uint8 array per test-time view, scored against
+            ``watch.eval_labels`` (see :class:`~florist.training.loop.Watch`; its board is
+            written by rank 0 only).
         out: where ``checkpoint.pt`` is written after each epoch (None: nowhere).
         checkpoint: what :func:`load_checkpoint` gave for this run, to continue from
             (None: start from ``backbone`` and ``head`` as they are).
@@ -283,6 +282,7 @@ def fit_finetune(
         The curves; the kept weights' TTA-averaged probabilities on the eval views;
         ``{"best_epoch", "best_top1", "kept_epoch", "resumed_from_epoch"}``.
     """
+    watch = watch or Watch()
     net = Network(backbone, head, data_config).to(device).to(memory_format=torch.channels_last)
     _set_trainable(backbone, cfg.trainable)
     head.requires_grad_(True)
@@ -321,29 +321,17 @@ def fit_finetune(
         freeze_bn_stats(net)
 
     def evaluate() -> np.ndarray:
-        if eval_y is None or not len(eval_y) or not len(eval_pixels):
+        if watch.eval_labels is None or not len(watch.eval_labels) or not len(eval_pixels):
             return np.zeros((0, 0), dtype=np.float32)
         return evaluate_pixels(net, eval_pixels, device, cfg.bf16)
 
     loss_fn = nn.CrossEntropyLoss(weight=cfg.class_weights, label_smoothing=cfg.label_smoothing)
     history = run_steps(
-        forward,
-        y,
-        total_steps=total,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        loss_fn=loss_fn,
-        optimizer=opt,
-        schedule=schedule,
-        train_mode=train_mode,
-        evaluate=evaluate,
-        eval_labels=eval_y,
-        board=board if dist.is_main() else None,
-        progress=progress,
-        history=history,
-        on_epoch=tracker,
-        shard=(dist.rank(), dist.world_size()),
-    )
+        forward, y, Plan(total, cfg.batch_size, cfg.seed),
+        loss_fn=loss_fn, optimizer=opt, schedule=schedule, train_mode=train_mode, evaluate=evaluate,
+        watch=watch if dist.is_main() else replace(watch, board=None),
+        history=history, on_epoch=tracker, shard=(dist.rank(), dist.world_size()),
+    )  # fmt: skip
     kept = len(history.step) - 1
     if cfg.keep == "best" and tracker.best_state is not None:
         net.load_state_dict(tracker.best_state)

@@ -34,6 +34,7 @@ def fit(job: Job) -> Fitted:
     from ...features import PIXELS, view_names
     from ...progress import progress_bar
     from ..blocks import split_backbone, tuned_state
+    from ..loop import Watch
     from ..network import FinetuneConfig, fit_finetune, load_checkpoint
     from ..pipeline import Fitted, extract_splits, labels
     from .tune_top import tuning_settings
@@ -85,12 +86,10 @@ def fit(job: Job) -> Fitted:
             ft_cfg,
             device=job.device,
             eval_pixels=[pixels["eval"][v] for v in eval_views],
-            eval_y=labels(kept["eval"]),
+            watch=Watch(labels(kept["eval"]), job.board, bar),
             out=job.out,
             checkpoint=checkpoint,
             notes={"warm_start_top1": warm_top1},
-            board=job.board,
-            progress=bar,
         )
     job.timings["train_s"] = time.perf_counter() - t
     state = tuned_state(backbone.model, ft_cfg.trainable or [""])

@@ -26,6 +26,7 @@ def fit(job: Job) -> Fitted:
     from ...predict import average_probabilities
     from ...progress import progress_bar
     from ..linear import fit_head
+    from ..loop import Watch
     from ..pipeline import Fitted, extract_splits, labels
 
     cfg = job.cfg
@@ -36,16 +37,10 @@ def fit(job: Job) -> Fitted:
     eval_x = [feats["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()
     with progress_bar("Training head", enabled=job.verbose, unit="steps") as bar:
-        head, history = fit_head(
-            np.concatenate([feats["train"][v] for v in views]),
-            labels(kept["train"], len(views)),
-            len(job.prepared.classes),
-            cfg,
-            eval_x=eval_x,
-            eval_y=labels(kept["eval"]),
-            board=job.board,
-            progress=bar,
-        )
+        watch = Watch(labels(kept["eval"]), job.board, bar)
+        train_x = np.concatenate([feats["train"][v] for v in views])
+        n = len(job.prepared.classes)
+        head, history = fit_head(train_x, labels(kept["train"], len(views)), n, cfg, eval_x=eval_x, watch=watch)
     job.timings["train_s"] = time.perf_counter() - t
     eval_probs = average_probabilities(head, eval_x)
     return Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, views)

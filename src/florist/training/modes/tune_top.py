@@ -31,6 +31,7 @@ def fit(job: Job) -> Fitted:
     from ...features import view_names
     from ...progress import progress_bar
     from ..blocks import TopConfig, evaluate_top, fit_top, split_backbone, tuned_state
+    from ..loop import Watch
     from ..pipeline import Fitted, extract_splits, labels
 
     cfg = job.cfg
@@ -54,17 +55,9 @@ def fit(job: Job) -> Fitted:
     eval_acts = [acts["eval"][v] for v in cfg.tta_views]
     t = time.perf_counter()
     with progress_bar("Tuning top blocks", enabled=job.verbose, unit="steps") as bar:
-        history = fit_top(
-            split,
-            head,
-            np.concatenate([acts["train"][v] for v in views]),
-            train_y,
-            top_cfg,
-            eval_acts=eval_acts,
-            eval_y=labels(kept["eval"]),
-            board=job.board,
-            progress=bar,
-        )
+        watch = Watch(labels(kept["eval"]), job.board, bar)
+        train_acts = np.concatenate([acts["train"][v] for v in views])
+        history = fit_top(split, head, train_acts, train_y, top_cfg, eval_acts=eval_acts, watch=watch)
     job.timings["train_s"] = time.perf_counter() - t
     eval_probs = evaluate_top(split.top, head, eval_acts)
     state = tuned_state(backbone.model, split.top_prefixes)
