@@ -283,3 +283,21 @@ def test_low_layers_depend_on_nothing_above_them() -> None:
     for inference in ("predict", "prediction", "runtime", "loader", "export", "serve", "evaluate", "report"):
         reached = _reachable(graph, f"florist.{inference}")
         assert not {m for m in reached if m.startswith("florist.training")}, inference
+
+
+def test_run_folders_of_earlier_versions_load(trained_run: Path, tmp_path: Path) -> None:
+    """A model.json without the fields a later florist added loads with their defaults; a damaged one is refused."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.safetensors", "labels.txt"):
+        (old / name).write_bytes((trained_run / name).read_bytes())
+    meta = json.loads((trained_run / "model.json").read_text())
+    for added in ("tuned_id", "bf16", "train_config", "florist_version"):
+        del meta[added]
+    (old / "model.json").write_text(json.dumps(meta))
+    model = florist.load(old)
+    assert model.bundle.bf16 is False and model.bundle.train_config == {} and model.tta_views == meta["tta_views"]
+    del meta["head"]
+    (old / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(florist.FloristError, match="model.json is incomplete or damaged"):
+        florist.load(old)
