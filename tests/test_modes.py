@@ -221,7 +221,11 @@ def test_every_modes_hparams_show_its_defaults(mode_run: tuple[str, Path]) -> No
 
 
 def _imports() -> dict[str, set[str]]:
-    """florist module -> the florist modules it imports anywhere (functions included), minus TYPE_CHECKING ones."""
+    """florist module -> the florist modules it imports anywhere (functions included), minus TYPE_CHECKING ones.
+
+    ``importlib`` calls (the registry finding the modes, the package's names that need torch) are not
+    import statements, and both go downwards.
+    """
     graph: dict[str, set[str]] = {}
     for path in SRC.rglob("*.py"):
         parts = path.relative_to(SRC.parent).with_suffix("").parts
@@ -271,7 +275,7 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_no_import_cycles() -> None:
     graph = _imports()
-    assert len(graph) > 30 and "florist.training.pipeline" in graph["florist"]
+    assert len(graph) > 30 and "florist.training.pipeline" in graph["florist.training.modes.head"]  # in fit()
     cycles = sorted(m for m in graph if m in _reachable(graph, m))
     assert not cycles, f"modules on an import cycle: {cycles}"
 

@@ -13,8 +13,11 @@ photos -> :mod:`~florist.data` (prepare) -> :mod:`~florist.features` (with
 
 An exported ``.onnx`` model needs no torch: :func:`load` on it, ``florist predict``
 and ``florist serve`` run it with ONNX Runtime, and this package imports without
-torch installed (the training API is then missing).
+torch installed (the training API is then missing) and without importing torch where it is.
 """
+
+import importlib
+from typing import Any
 
 from .audit import audit
 from .data import prepare
@@ -25,14 +28,21 @@ from .prediction import Prediction
 from .training import TrainConfig
 from .version import __version__
 
-try:
-    from .backbones import create_backbone
-    from .predict import Classifier
-    from .report import write_report
-    from .training.pipeline import train
-except ModuleNotFoundError as e:  # a torch-less install serves exported ONNX models only
-    if e.name not in ("torch", "torchvision", "timm"):
-        raise
+#: What needs torch, imported on first use: ``import florist`` (and every ``florist`` command)
+#: then costs no torch start-up (3 s on a 2-core CPU) until a network is needed. Without
+#: torch installed, only exported ONNX models can be used and these names raise ImportError.
+_NEEDS_TORCH = {
+    "Classifier": "predict",
+    "create_backbone": "backbones",
+    "train": "training.pipeline",
+    "write_report": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        return getattr(importlib.import_module(f".{_NEEDS_TORCH[name]}", __name__), name)
+    raise AttributeError(f"module 'florist' has no attribute {name!r}")
 
 
 __all__ = [
