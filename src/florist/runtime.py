@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,20 +78,18 @@ class ArrayClassifier:
             )
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def _read_all(
-        self, sources: Sequence[Any], read: Callable[[Any], bytes]
-    ) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
-        """Preprocess every source in a thread pool (Pillow releases the GIL); failures -> errors."""
+    def _read_all(self, paths: Sequence[str | Path]) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
+        """Read and preprocess every file in a thread pool (Pillow releases the GIL); failures -> errors."""
 
-        def one(source: Any) -> dict[str, np.ndarray] | str:
+        def one(path: str | Path) -> dict[str, np.ndarray] | str:
             try:
-                return self.arrays(read(source))
+                return self.arrays(read_file(path))
             except BadImage as e:
                 return str(e) or "unreadable image"
 
         workers = min(8, (os.cpu_count() or 1) + 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, sources))
+            results = list(pool.map(one, paths))
         errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
         return [None if isinstance(r, str) else r for r in results], errors
 
@@ -117,7 +115,7 @@ class ArrayClassifier:
         step = self.batch_size * 4
         for start in range(0, len(paths), step):
             chunk = list(paths[start : start + step])
-            arrays, chunk_errors = self._read_all(chunk, read_file)
+            arrays, chunk_errors = self._read_all(chunk)
             probs[start : start + len(chunk)] = self._probabilities_with_errors(arrays, chunk_errors)
             errors.update({start + i: e for i, e in chunk_errors.items()})
             if progress:

@@ -17,6 +17,7 @@ ONNX Runtime is installed.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def setting(default: Any, help: str, rule: Rule | None = None, unset: str = "non
 class TrainConfig:
     """Every setting of a training run; the resolved one is saved in ``model.json`` and ``run.json``.
 
-    See :func:`describe` (this docstring's table is generated from the declarations and the modes).
+    The list of settings below is generated from their declarations and the modes' defaults
+    (:func:`florist.training.registry.document_settings`).
     """
 
     mode: str | None = setting(None, "What is trained (see the modes in the README).")
@@ -205,7 +207,7 @@ def check_values(cfg: TrainConfig) -> None:
     Raises:
         SettingError: ``"{batch_size} must be >= 1, got 0"``, in the caller's spelling.
     """
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _type_hints()
     for name, (_, decl) in declarations().items():
         value = getattr(cfg, name)
         if value is None:
@@ -229,7 +231,13 @@ def check_values(cfg: TrainConfig) -> None:
 
 def value_type(name: str) -> type:
     """The type of a setting's values: ``int`` for ``epochs: int | None``, and so on."""
-    return _base_type(typing.get_type_hints(TrainConfig)[name])
+    return _base_type(_type_hints()[name])
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    """:class:`TrainConfig`'s field types, evaluated once (1 ms each time; the CLI asks for every field)."""
+    return typing.get_type_hints(TrainConfig)
 
 
 def _allows_none(hint: Any) -> bool:
