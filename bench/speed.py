@@ -1,23 +1,25 @@
-"""Feature-extraction speed: florist's pipeline against the machine's limits and a naive baseline.
+"""Feature-extraction speed: florist's pipeline per engine, against the machine's limits and a naive baseline.
 
 Everything is measured in one run, on one machine, so the ratios compare like with like:
 
 (a) decode + resize alone (florist's dataset, no model): one core, and with the
-    DataLoader workers ``extract_features`` uses;
-(b) the model's forward pass alone on ready tensors (channels_last, inference mode),
-    fp32 and bf16, at the best of several batch sizes: the compute limit;
-(c) ``florist.features.extract_features`` with its default settings and the precision
-    ``florist train`` picks (``--precision auto``), into an empty feature cache;
-    the other precision is measured too;
-(d) the naive baseline: a DataLoader over PIL + torchvision transforms, fp32
+    DataLoader workers extraction uses;
+(b) the model's forward pass alone on ready tensors, for every engine x precision
+    (torch, OpenVINO, ONNX Runtime; fp32, and bf16 where the CPU has it) at the best
+    of several batch sizes: the compute limit;
+(c) ``florist.features.extract_features`` into an empty cache, for the same
+    combinations; "default" is what ``florist train`` picks (``--engine auto
+    --precision auto``);
+(d) the naive baseline: a DataLoader over PIL + torchvision transforms, fp32 torch
     forward, batch 64, 2 workers;
 
-then the ratios c/b and c/d, the wall time of ``florist train --mode head`` on the
-photos with an empty cache (cold) and again with the cache filled (warm), and the
-peak resident memory of extraction over the image list and over 4 copies of it
-(each in a fresh process, read from ``ru_maxrss``), and head-mode top-1 with bf16 and
-fp32 features by 5-fold cross-validation over all the photos. Throughput figures are the
-median of ``--repeats`` timed runs after a warm-up.
+then the shared-core ceiling ``cores / (cores / b_best + 1 / a)`` from the best
+engine, the ratios c/ceiling and c/d, head-mode top-1 of every combination by
+5-fold cross-validation over all the photos (the 0.3-point rule), wall times of
+``florist train`` cold (empty cache) and warm for ``--mode head`` and the default
+mode, with ``--engine auto`` and ``--engine torch`` (and the default mode's top-1 on
+the fixed split with torch fp32), and the peak resident memory of extraction.
+Throughput figures are the median of ``--repeats`` timed runs after a warm-up.
 
 Writes ``bench/results/speed.json`` and refreshes the table in README.md between
 its ``speed-table`` markers.
@@ -52,7 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 import florist
 from florist.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_spec
 from florist.data import class_files, find_class_folders
-from florist.devices import bf16_is_fast, uses_bf16
+from florist.devices import bf16_is_fast
+from florist.engines import compile_frozen, engine_problem, resolve_engine
 from florist.errors import FloristError
 from florist.features import (
     FeatureCache,
@@ -96,11 +99,30 @@ def timed_rate(run: Callable[[], int], repeats: int, warmup: bool = True) -> dic
     return {"images_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates]}
 
 
-def backbone_for(precision: str, backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
-    """``backbone`` (default: florist's) as ``florist train --precision PRECISION`` sets it up."""
+def backbone_for(
+    engine: str, bf16: bool, backbone: str = DEFAULT_BACKBONE, weights: str | None = None
+) -> Backbone:
+    """``backbone`` (default: florist's) on ``engine`` in the given precision."""
     net = create_backbone(backbone, weights)
-    net.bf16 = uses_bf16(precision)
+    net.engine, net.bf16 = engine, bf16
     return net
+
+
+def combinations() -> list[tuple[str, bool]]:
+    """Every (engine, bf16) this machine runs: bf16 only where the CPU has it natively, never on ONNX Runtime."""
+    precisions = [False, True] if bf16_is_fast() else [False]
+    combos = [(e, b) for e in ("torch", "openvino") for b in precisions if engine_problem(e) is None]
+    return combos + ([("onnxruntime", False)] if engine_problem("onnxruntime") is None else [])
+
+
+def combo_name(engine: str, bf16: bool) -> str:
+    return f"{engine} {'bf16' if bf16 else 'fp32'}"
+
+
+def default_combo() -> tuple[str, bool]:
+    """What ``florist train`` picks on this machine: ``--engine auto --precision auto``."""
+    engine = resolve_engine("auto", torch.device("cpu"))
+    return engine, bf16_is_fast() and engine != "onnxruntime"
 
 
 # ---------------------------------------------------------------------------
@@ -110,7 +132,7 @@ def backbone_for(precision: str, backbone: str = DEFAULT_BACKBONE, weights: str 
 
 def decode_rate(paths: Sequence[Path], backbone: Backbone, workers: int, repeats: int) -> dict:
     """Images/s of florist's read + draft decode + resize + crop, without the model."""
-    dataset = _ImageFiles([str(p) for p in paths], backbone.data_config, uint8=True)
+    dataset = _ImageFiles([str(p) for p in paths], backbone.data_config, ["clean"])
 
     def run() -> int:
         loader = DataLoader(dataset, batch_size=NAIVE_BATCH, num_workers=workers)
@@ -124,28 +146,25 @@ def decode_rate(paths: Sequence[Path], backbone: Backbone, workers: int, repeats
 # ---------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def forward_rate(backbone: Backbone, bf16: bool, batch_size: int, batches: int, repeats: int) -> dict:
-    """Images/s of the forward pass alone on a ready, normalised channels_last batch."""
+def forward_rate(backbone: Backbone, batch_size: int, batches: int, repeats: int) -> dict:
+    """Images/s of the engine's forward pass alone on a ready, normalised batch."""
     side = backbone.data_config["input_size"][-1]
-    x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, side, side)
+    net = compile_frozen(backbone.model, [x[:1]], backbone.engine, bf16=backbone.bf16)
 
     def run() -> int:
         for _ in range(batches):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                backbone.model(x).float()
+            net(x)
         return batch_size * batches
 
     return {"batch_size": batch_size, **timed_rate(run, repeats)}
 
 
-def compute_limit(
-    backbone: Backbone, bf16: bool, batch_sizes: Sequence[int], images: int, repeats: int
-) -> dict:
+def compute_limit(backbone: Backbone, batch_sizes: Sequence[int], images: int, repeats: int) -> dict:
     """:func:`forward_rate` at each batch size (about ``images`` per timed run); the best one."""
-    by_batch = [forward_rate(backbone, bf16, b, max(1, images // b), repeats) for b in batch_sizes]
+    by_batch = [forward_rate(backbone, b, max(1, images // b), repeats) for b in batch_sizes]
     best = max(by_batch, key=lambda r: r["images_per_s"])
-    return {"precision": "bf16" if bf16 else "fp32", **best, "by_batch_size": by_batch}
+    return {**best, "by_batch_size": by_batch}
 
 
 # ---------------------------------------------------------------------------
@@ -166,11 +185,11 @@ def florist_rate(paths: Sequence[Path], backbone: Backbone, repeats: int, cache_
 
     rate = timed_rate(run, repeats)
     # Fewer than len(paths) only for byte-identical copies, served from the cache once their twin is in.
-    return {"precision": "bf16" if backbone.bf16 else "fp32", **rate, "network_images": computed[-1]}
+    return {**rate, "images": len(paths), "network_images": computed[-1]}
 
 
 def feature_agreement(paths: Sequence[Path], a: Backbone, b: Backbone) -> dict:
-    """How close two precisions' features are: cosine similarity and relative L2 error per image."""
+    """How close two combinations' features are: cosine similarity and relative L2 error per image."""
     fa = extract_features(a, paths).features
     fb = extract_features(b, paths).features
     norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
@@ -184,10 +203,8 @@ def feature_agreement(paths: Sequence[Path], a: Backbone, b: Backbone) -> dict:
     }
 
 
-def precision_top1_cv(
-    paths: Sequence[Path], backbones: dict[str, Backbone], cache_root: Path, folds: int = 5, seed: int = 0
-) -> dict:
-    """Head-mode top-1 with each precision's features, by stratified k-fold cross-validation.
+def top1_cv(paths: Sequence[Path], backbones: dict[str, Backbone], cache_root: Path, folds: int = 5, seed: int = 0) -> dict:
+    """Head-mode top-1 with each combination's features, by stratified k-fold cross-validation.
 
     Every photo is scored once, by a head (default settings: clean + mirror views,
     mirror TTA) trained on the other folds, so 1,500 photos resolve differences of
@@ -199,30 +216,19 @@ def precision_top1_cv(
     y = np.array([classes.index(p.parent.name) for p in paths])
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     result: dict = {"folds": folds, "images": len(paths)}
-    for precision, backbone in backbones.items():
-        views = extract_views(backbone, paths, ["clean", "flip"], cache_root=cache_root / precision, seed=seed)
+    for name, backbone in backbones.items():
+        views = extract_views(backbone, paths, ["clean", "flip"], cache_root=cache_root, seed=seed)
         clean, flip = views["clean"].features, views["flip"].features
         correct = np.zeros(len(y), dtype=bool)
         for train, test in splits:
             x = np.concatenate([clean[train], flip[train]])
             head, _ = fit_head(x, np.concatenate([y[train], y[train]]), len(classes), TrainConfig(seed=seed))
             correct[test] = average_probabilities(head, [clean[test], flip[test]]).argmax(1) == y[test]
-        result[precision] = {"top1": round(float(correct.mean()), 5)}
-    result["difference_points"] = round(100 * abs(result["bf16"]["top1"] - result["fp32"]["top1"]), 2)
+        result[name] = {"top1": round(float(correct.mean()), 5)}
+    reference = result["torch fp32"]["top1"]
+    for name in backbones:
+        result[name]["points_vs_torch_fp32"] = round(100 * (result[name]["top1"] - reference), 2)
     return result
-
-
-def cited_accuracy(path: Path = ROOT / "bench" / "results" / "accuracy.json") -> dict:
-    """Head-mode top-1 with bf16 and with fp32 features, from bench/accuracy.py's last run."""
-    if not path.exists():
-        return {}
-    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
-    names = {"bf16": "head", "fp32": "head (fp32 features)"}
-    return {
-        precision: {"top1": rows[name]["top1"], "n_eval": rows[name]["n_eval"], "measured": rows[name]["measured"]}
-        for precision, name in names.items()
-        if name in rows
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -285,28 +291,54 @@ def _backbone_flags(backbone: str, weights: str | None) -> list[str]:
 
 
 def train_wall_times(
-    data: Path, work: Path, warm_repeats: int = 3, backbone: str = DEFAULT_BACKBONE, weights: str | None = None
+    data: Path, work: Path, mode: str, flags: Sequence[str], warm_repeats: int,
+    backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
 ) -> dict:
-    """Wall seconds of ``florist train DATA --mode head`` as a user runs it, cold then warm."""
+    """Wall seconds of ``florist train DATA --mode MODE FLAGS`` as a user runs it, cold (empty cache) then warm."""
     env = {**os.environ, "FLORIST_CACHE": str(work / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "florist", "train", str(data), "--out", str(work / "run")]
-    command += ["--mode", "head", "--overwrite", "--quiet", *_backbone_flags(backbone, weights)]
+    command += ["--mode", mode, *flags, "--overwrite", "--quiet", *_backbone_flags(backbone, weights)]
 
-    def once() -> float:
+    def once() -> tuple[float, dict]:
         started = time.perf_counter()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, json.loads((work / "run" / "metrics.json").read_text())
 
-    cold = once()
-    warm = [once() for _ in range(warm_repeats)]
-    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    cold, metrics = once()
+    warm = [once()[0] for _ in range(warm_repeats)]
     return {
+        "flags": " ".join(flags),
         "cold_s": round(cold, 2),
-        "warm_s": round(statistics.median(warm), 2),
-        "warm_runs_s": [round(w, 2) for w in warm],
+        **({"warm_s": round(statistics.median(warm), 2), "warm_runs_s": [round(w, 2) for w in warm]} if warm else {}),
         "top1": metrics["top1"],
+        "cold_timings_s": {k: round(v, 1) for k, v in metrics["timings"].items()},
         "n_images": metrics["n_train"] + metrics["n_eval"],
     }
+
+
+def train_runs(args: argparse.Namespace, work: Path, log: Callable[[str, object], None]) -> dict:
+    """``florist train`` cold and warm: head and the default mode, ``--engine auto`` against ``--engine torch``."""
+    runs: dict = {}
+    plan = [
+        ("head", "auto", ["--engine", "auto"], 3),
+        ("head", "torch", ["--engine", "torch"], 3),
+        ("default", "auto", ["--engine", "auto"], 1),
+        ("default", "torch", ["--engine", "torch"], 0),
+        ("default", "torch fp32", ["--engine", "torch", "--precision", "fp32"], 0),
+    ]
+    from florist.training.registry import DEFAULT_MODE
+
+    for mode, name, flags, warm in plan:
+        if "fp32" in name and not bf16_is_fast():
+            continue  # the torch run above is fp32 already
+        key = f"{mode} ({name})"
+        real_mode = DEFAULT_MODE if mode == "default" else mode
+        runs[key] = {
+            "mode": real_mode,
+            **train_wall_times(args.data, work / key.replace(" ", "-"), real_mode, flags, warm, args.backbone, args.weights),
+        }
+        log(f"train {key}", runs[key])
+    return runs
 
 
 def peak_rss_child(paths: Sequence[Path], backbone: str = DEFAULT_BACKBONE, weights: str | None = None) -> dict:
@@ -314,7 +346,7 @@ def peak_rss_child(paths: Sequence[Path], backbone: str = DEFAULT_BACKBONE, weig
 
     ``ru_maxrss`` is in KiB on Linux; the DataLoader workers are children of this process.
     """
-    extract_features(backbone_for("auto", backbone, weights), paths)
+    extract_features(backbone_for(*default_combo(), backbone, weights), paths)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"images": len(paths), "main_mib": round(own, 1), "worker_mib": round(workers, 1)}
@@ -339,28 +371,33 @@ def peak_rss(
 
 
 def summarise(r: dict, cores: int) -> dict:
-    """The ratios the issue asks for: c/b (vs the better precision's limit) and c/d.
+    """The ratios the issue asks for, from the best engine's limit.
 
-    Also the most any pipeline could reach when decoding and the model share the
-    same ``cores``: each image costs ``cores / b`` core-seconds of forward pass plus
-    ``1 / a`` of decoding (a = one-core decode rate), so at best
-    ``cores / (cores / b + 1 / a)`` images/s; c is compared with that too.
+    When decoding and the model share the same ``cores``, each image costs
+    ``cores / b`` core-seconds of forward pass plus ``1 / a`` of decoding (a = the
+    one-core decode rate), so no pipeline exceeds ``cores / (cores / b + 1 / a)``
+    images/s; b is the best engine x precision's forward-only rate.
     """
-    limit = max(r["compute_limit"].values(), key=lambda x: x["images_per_s"])
-    b = limit["images_per_s"]
-    c = r["florist"]["default"]["images_per_s"]
+    best_name, best = max(r["compute_limit"].items(), key=lambda kv: kv[1]["images_per_s"])
+    b = best["images_per_s"]
+    c = r["florist"][r["default"]]["images_per_s"]
     ceiling = cores / (cores / b + 1 / r["decode"]["one_core"]["images_per_s"])
-    return {
+    out = {
+        "default": r["default"],
         "c_images_per_s": c,
+        "b_best": best_name,
         "b_best_images_per_s": b,
-        "b_best_precision": limit["precision"],
-        "c_over_b": round(c / b, 3),
-        "c_over_d": round(c / r["naive"]["images_per_s"], 2),
         "cores": cores,
         "shared_core_ceiling_images_per_s": round(ceiling, 2),
-        "ceiling_over_b": round(ceiling / b, 3),
         "c_over_ceiling": round(c / ceiling, 3),
+        "c_over_d": round(c / r["naive"]["images_per_s"], 2),
     }
+    train = r.get("train", {})
+    for mode in ("head", "default"):
+        auto, torch_run = train.get(f"{mode} (auto)"), train.get(f"{mode} (torch)")
+        if auto and torch_run:
+            out[f"{mode}_cold_auto_over_torch"] = round(auto["cold_s"] / torch_run["cold_s"], 3)
+    return out
 
 
 def table(report: dict) -> str:
@@ -370,34 +407,30 @@ def table(report: dict) -> str:
     rows = [
         ("(a) decode + resize, 1 core", f"{a['one_core']['images_per_s']:.0f} images/s"),
         (f"(a) decode + resize, {a['pipeline']['workers']} workers", f"{a['pipeline']['images_per_s']:.0f} images/s"),
-        (
-            f"(b) forward only, fp32 (batch {b['fp32']['batch_size']})",
-            f"{b['fp32']['images_per_s']:.0f} images/s",
-        ),
-        (
-            f"(b) forward only, bf16 (batch {b['bf16']['batch_size']})",
-            f"{b['bf16']['images_per_s']:.0f} images/s",
-        ),
-        (
-            f"**(c) florist extraction, default ({c['default']['precision']})**",
-            f"**{c['default']['images_per_s']:.0f} images/s**",
-        ),
-        (f"(c) florist extraction, {c['other']['precision']}", f"{c['other']['images_per_s']:.0f} images/s"),
-        ("(d) naive DataLoader + PIL + torchvision, fp32", f"{r['naive']['images_per_s']:.0f} images/s"),
-        (f"c / b (vs the {s['b_best_precision']} limit)", f"{s['c_over_b']:.0%}"),
-        (
-            f"ceiling when decoding shares the {s['cores']} cores: b / (1 + b / ({s['cores']} a))",
-            f"{s['shared_core_ceiling_images_per_s']:.0f} images/s ({s['ceiling_over_b']:.0%} of b); "
-            f"c reaches {s['c_over_ceiling']:.0%} of it",
-        ),
-        ("c / d", f"{s['c_over_d']:.2f}x"),
     ]
-    if "train_head" in r:
-        t = r["train_head"]
-        rows += [
-            (f"`florist train --mode head`, cold ({t['n_images']} photos)", f"{t['cold_s']:.0f} s"),
-            ("`florist train --mode head`, warm (features cached)", f"{t['warm_s']:.1f} s"),
-        ]
+    rows += [(f"(b) forward only, {name} (batch {v['batch_size']})", f"{v['images_per_s']:.0f} images/s") for name, v in b.items()]
+    for name, v in c.items():
+        label = f"(c) florist extraction, {name}"
+        rows.append((f"**{label} (default)**", f"**{v['images_per_s']:.0f} images/s**") if name == s["default"] else (label, f"{v['images_per_s']:.0f} images/s"))
+    rows += [
+        ("(d) naive DataLoader + PIL + torchvision, torch fp32", f"{r['naive']['images_per_s']:.0f} images/s"),
+        (
+            f"ceiling when decoding shares the {s['cores']} cores, from the best engine ({s['b_best']})",
+            f"{s['shared_core_ceiling_images_per_s']:.0f} images/s; the default reaches {s['c_over_ceiling']:.0%} of it",
+        ),
+        ("c / d (default vs naive)", f"{s['c_over_d']:.2f}x"),
+    ]
+    for key, t in r.get("train", {}).items():
+        mode = "the default mode" if key.startswith("default") else "--mode head"
+        engine = key[key.index("(") + 1 : -1]
+        times = t["cold_timings_s"]
+        detail = f"features {times.get('features_s', 0):.0f} s, training {times.get('train_s', 0):.0f} s"
+        rows.append((f"`florist train`, {mode} ({t['mode']}), {engine}, cold", f"{t['cold_s']:.0f} s ({detail}); top-1 {t['top1']:.2%}"))
+        if "warm_s" in t:
+            rows.append((f"`florist train`, {mode}, {engine}, warm", f"{t['warm_s']:.1f} s"))
+    for mode in ("head", "default"):
+        if f"{mode}_cold_auto_over_torch" in s:
+            rows.append((f"cold {mode} train, --engine auto / --engine torch", f"{s[f'{mode}_cold_auto_over_torch']:.2f}"))
     for m in r.get("peak_rss", []):
         rows.append(
             (
@@ -405,19 +438,15 @@ def table(report: dict) -> str:
                 f"{m['main_mib']:.0f} MiB (+ workers {m['worker_mib']:.0f} MiB)",
             )
         )
-    if "bf16_vs_fp32_features" in r:
-        f = r["bf16_vs_fp32_features"]
-        rows.append(("bf16 vs fp32 features: mean relative L2 error", f"{f['mean_relative_l2']:.2%}"))
-    if "precision_top1_cv" in r:
-        cv = r["precision_top1_cv"]
+    if "top1_cv" in r:
+        cv = r["top1_cv"]
+        names = [n for n in cv if isinstance(cv[n], dict)]
         rows.append(
             (
-                f"head-mode top-1, {cv['folds']}-fold CV over {cv['images']} photos: bf16 / fp32",
-                f"{cv['bf16']['top1']:.2%} / {cv['fp32']['top1']:.2%} ({cv['difference_points']:.2f} points apart)",
+                f"head-mode top-1, {cv['folds']}-fold CV over {cv['images']} photos",
+                "; ".join(f"{n} {cv[n]['top1']:.2%} ({cv[n]['points_vs_torch_fp32']:+.2f})" for n in names),
             )
         )
-    for precision, cited in report.get("head_top1_from_accuracy_bench", {}).items():
-        rows.append((f"head-mode top-1 with {precision} features (bench/accuracy.py)", f"{cited['top1']:.2%}"))
     lines = ["| measurement | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -428,9 +457,10 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
     def log(what: str, value: object) -> None:
         print(f"{what}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
-    results: dict = {}
-    default = backbone_for("auto", args.backbone, args.weights)
-    other = backbone_for("fp32" if default.bf16 else "bf16", args.backbone, args.weights)
+    combos = {combo_name(e, b): backbone_for(e, b, args.backbone, args.weights) for e, b in combinations()}
+    default_name = combo_name(*default_combo())
+    default = combos[default_name]
+    results: dict = {"default": default_name}
     workers = default_workers(len(paths))
     results["decode"] = {
         "one_core": decode_rate(paths, default, 0, args.repeats),
@@ -438,27 +468,22 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
     }
     log("decode", results["decode"])
     results["compute_limit"] = {
-        name: compute_limit(default, bf16, args.batch_sizes, args.forward_images, args.repeats)
-        for name, bf16 in (("fp32", False), ("bf16", True))
+        name: compute_limit(b, args.batch_sizes, args.forward_images, args.repeats) for name, b in combos.items()
     }
     log("compute limit", results["compute_limit"])
-    results["florist"] = {
-        "default": florist_rate(paths, default, args.repeats, work),
-        "other": florist_rate(paths, other, args.repeats, work),
-    }
+    subset = paths[: args.extract_images]
+    results["florist"] = {name: florist_rate(subset, b, args.repeats, work) for name, b in combos.items()}
     log("florist", results["florist"])
-    results["bf16_vs_fp32_features"] = feature_agreement(paths[: args.agreement_images], default, other)
-    log("bf16 vs fp32 features", results["bf16_vs_fp32_features"])
-    by_precision = {("bf16" if b.bf16 else "fp32"): b for b in (default, other)}
-    results["precision_top1_cv"] = precision_top1_cv(paths, by_precision, work / "cv-cache")
-    log("head top-1 by precision (cross-validation)", results["precision_top1_cv"])
-    results["naive"] = naive_rate(paths, args.repeats, default)
+    results["features_vs_torch_fp32"] = {
+        name: feature_agreement(paths[: args.agreement_images], b, combos["torch fp32"]) for name, b in combos.items()
+    }
+    log("features vs torch fp32", results["features_vs_torch_fp32"])
+    results["top1_cv"] = top1_cv(paths, combos, work / "cv-cache")
+    log("head top-1 by engine and precision (cross-validation)", results["top1_cv"])
+    results["naive"] = naive_rate(subset, args.repeats, default)
     log("naive", results["naive"])
     if not args.skip_train:
-        results["train_head"] = train_wall_times(
-            args.data, work / "train", backbone=args.backbone, weights=args.weights
-        )
-        log("train", results["train_head"])
+        results["train"] = train_runs(args, work / "train", log)
     if not args.skip_rss:
         results["peak_rss"] = [peak_rss(args.data, args.images, k, args.backbone, args.weights) for k in (1, 4)]
         log("peak RSS", results["peak_rss"])
@@ -473,7 +498,8 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="its weights file (as florist train)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is kept)")
     parser.add_argument("--forward-images", type=int, default=256, help="images per timed forward-only run")
-    parser.add_argument("--agreement-images", type=int, default=128, help="photos to compare bf16/fp32 features on")
+    parser.add_argument("--agreement-images", type=int, default=128, help="photos to compare features with torch fp32's on")
+    parser.add_argument("--extract-images", type=int, default=600, help="photos per timed extraction run (c, d)")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCH_SIZES))
     parser.add_argument("--quick", action="store_true", help="96 photos, 1 repeat, no train/RSS; not for results")
     parser.add_argument("--skip-train", action="store_true")
@@ -501,7 +527,7 @@ def main() -> None:
     if args.quick:
         args.images, args.repeats, args.forward_images = args.images or 96, 1, 64
         args.batch_sizes, args.skip_train, args.skip_rss = [16, 32], True, True
-        args.agreement_images = 16
+        args.agreement_images, args.extract_images = 16, 96
     paths = list_images(args.data, args.images)
     with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
         results = measure(args, paths, Path(tmp))
@@ -522,7 +548,6 @@ def main() -> None:
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "results": results,
         "summary": summarise(results, os.cpu_count() or 1),
-        "head_top1_from_accuracy_bench": cited_accuracy(),
     }
     print(table(report))
     if args.quick:

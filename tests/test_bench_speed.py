@@ -33,31 +33,32 @@ def test_images_are_listed_in_florists_order_and_spread_when_limited(speed, phot
 
 def test_measurements_run_and_make_a_report(speed, photos: Path, tiny: dict[str, str], tmp_path: Path) -> None:
     paths = speed.list_images(photos)[::2]
-    default = speed.backbone_for("auto", **tiny)
-    other = speed.backbone_for("fp32" if default.bf16 else "bf16", **tiny)
-    assert other.bf16 != default.bf16
+    combos = {speed.combo_name(e, b): speed.backbone_for(e, b, **tiny) for e, b in speed.combinations()}
+    assert {"torch fp32", "openvino fp32", "onnxruntime fp32"} <= set(combos)
+    assert "onnxruntime bf16" not in combos, "ONNX Runtime's CPU provider has no bf16"
+    default_name = speed.combo_name(*speed.default_combo())
+    assert default_name.startswith("openvino"), "auto picks OpenVINO on a CPU where it loads"
+    default = combos[default_name]
     results = {
+        "default": default_name,
         "decode": {"one_core": speed.decode_rate(paths, default, 0, 1), "pipeline": speed.decode_rate(paths, default, 1, 1)},
-        "compute_limit": {
-            "fp32": speed.compute_limit(default, False, [4, 8], 8, 1),
-            "bf16": speed.compute_limit(default, True, [4, 8], 8, 1),
-        },
-        "florist": {
-            "default": speed.florist_rate(paths, default, 1, tmp_path),  # warm-up + 1 run: a cold cache each
-            "other": speed.florist_rate(paths, other, 1, tmp_path),
-        },
+        "compute_limit": {name: speed.compute_limit(b, [4, 8], 8, 1) for name, b in combos.items()},
+        "florist": {name: speed.florist_rate(paths, b, 1, tmp_path) for name, b in combos.items()},
         "naive": speed.naive_rate(paths, 1, default, workers=1),
-        "bf16_vs_fp32_features": speed.feature_agreement(paths[:4], default, other),
+        "features_vs_torch_fp32": {n: speed.feature_agreement(paths[:4], b, combos["torch fp32"]) for n, b in combos.items()},
     }
-    agreement = results["bf16_vs_fp32_features"]
-    assert 0.9 < agreement["min_cosine"] <= 1.0 and 0 < agreement["max_relative_l2"] < 0.2
-    assert results["florist"]["default"]["precision"] == ("bf16" if default.bf16 else "fp32")
-    assert len(results["florist"]["default"]["runs"]) == 1
-    assert results["florist"]["other"]["network_images"] == len(paths)  # every run starts cold
-    assert [r["batch_size"] for r in results["compute_limit"]["fp32"]["by_batch_size"]] == [4, 8]
-    for figure in (results["decode"]["pipeline"], results["naive"], results["florist"]["other"]):
+    same = results["features_vs_torch_fp32"]["openvino fp32"]
+    assert same["min_cosine"] > 0.99999 and same["max_relative_l2"] < 1e-4, "fp32 engines agree to rounding"
+    for agreement in results["features_vs_torch_fp32"].values():
+        assert 0.9 < agreement["min_cosine"] <= 1.0 and agreement["max_relative_l2"] < 0.2
+    florist_default = results["florist"][default_name]
+    assert len(florist_default["runs"]) == 1
+    assert florist_default["network_images"] == len(paths)  # every run starts cold
+    assert [r["batch_size"] for r in results["compute_limit"]["torch fp32"]["by_batch_size"]] == [4, 8]
+    for figure in (results["decode"]["pipeline"], results["naive"], florist_default):
         assert figure["images_per_s"] > 0
     summary = speed.summarise(results, cores=2)
+    assert summary["c_images_per_s"] == florist_default["images_per_s"]
     assert summary["c_over_d"] == round(summary["c_images_per_s"] / results["naive"]["images_per_s"], 2)
     assert summary["b_best_images_per_s"] == max(r["images_per_s"] for r in results["compute_limit"].values())
     # decoding on the same cores costs time: the ceiling is below b, and lower still with one core
@@ -66,10 +67,10 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tiny: dict[str,
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- speed-table:start -->\nold\n<!-- speed-table:end -->\nend\n")
-    text = speed.table({"results": results, "summary": summary, "head_top1_from_accuracy_bench": speed.cited_accuracy()})
-    speed.update_readme("speed-table", text, readme)
+    speed.update_readme("speed-table", speed.table({"results": results, "summary": summary}), readme)
     content = readme.read_text()
-    assert "old" not in content and "| c / d |" in content and content.endswith("end\n")
+    assert "old" not in content and "| c / d (default vs naive) |" in content and content.endswith("end\n")
+    assert f"**(c) florist extraction, {default_name} (default)**" in content
 
 
 @pytest.mark.slow
@@ -81,24 +82,25 @@ def test_peak_rss_is_read_in_a_fresh_process(speed, photos: Path, tiny: dict[str
 
 @pytest.mark.slow
 def test_train_wall_times_cold_then_warm(speed, photos: Path, tiny: dict[str, str], tmp_path: Path) -> None:
-    times = speed.train_wall_times(photos, tmp_path, warm_repeats=1, **tiny)
-    assert times["n_images"] == 24 and len(times["warm_runs_s"]) == 1
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "head"
+    times = speed.train_wall_times(photos, tmp_path, "head", ["--engine", "torch"], 1, **tiny)
+    assert times["n_images"] == 24 and len(times["warm_runs_s"]) == 1 and times["flags"] == "--engine torch"
+    assert times["cold_timings_s"]["features_s"] > 0
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["engine"] == "torch"
 
 
-def test_precision_cross_validation_scores_every_photo_once(
+def test_cross_validation_scores_every_photo_once_per_combination(
     speed, photos: Path, tiny: dict[str, str], tmp_path: Path
 ) -> None:
     paths = speed.list_images(photos)
-    default = speed.backbone_for("auto", **tiny)
-    other = speed.backbone_for("fp32" if default.bf16 else "bf16", **tiny)
-    result = speed.precision_top1_cv(paths, {"bf16": default, "fp32": other} if default.bf16 else
-                                     {"fp32": default, "bf16": other}, tmp_path, folds=4)
+    combos = {"torch fp32": speed.backbone_for("torch", False, **tiny), "openvino fp32": speed.backbone_for("openvino", False, **tiny)}
+    result = speed.top1_cv(paths, combos, tmp_path, folds=4)
     assert result["images"] == 24 and result["folds"] == 4
-    for precision in ("bf16", "fp32"):
-        top1 = result[precision]["top1"]
+    for name in combos:
+        top1 = result[name]["top1"]
         assert 0.9 <= top1 <= 1 and round(top1 * 24) == top1 * 24  # whole photos; the colours are easy
-    assert result["difference_points"] == round(100 * abs(result["bf16"]["top1"] - result["fp32"]["top1"]), 2)
+    assert result["torch fp32"]["points_vs_torch_fp32"] == 0
+    gap = round(100 * (result["openvino fp32"]["top1"] - result["torch fp32"]["top1"]), 2)
+    assert result["openvino fp32"]["points_vs_torch_fp32"] == gap
 
 
 def test_a_bad_backbone_is_one_line_before_any_measurement(speed, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,8 @@ import images as im  # tests/images.py
 import pytest
 from fastapi.testclient import TestClient
 
-from florist.export import TorchGraphClassifier
+import florist
+from florist.export import GraphClassifier
 from florist.runtime import OnnxClassifier
 from florist.serve import Batcher, create_app, load_model
 
@@ -59,9 +60,11 @@ def test_predict_multipart_and_raw_body(onnx_client: TestClient, exported_onnx: 
 
 def test_both_back_ends_agree(trained_run: Path, exported_onnx: Path, photos: Path) -> None:
     """PyTorch (run folder) and ONNX Runtime (exported file) give the same answers over HTTP."""
-    torch_model = load_model(trained_run)
-    assert isinstance(torch_model, TorchGraphClassifier)
-    torch_model.graph.bf16 = False  # compare fp32 with fp32 (the run's features may be bf16)
+    classifier = florist.load(trained_run, engine="torch")
+    for b in classifier.backbones:
+        b.bf16 = False  # compare fp32 with fp32 (the run's features may be bf16)
+    torch_model = GraphClassifier(classifier)
+    assert load_model(trained_run).backend == "openvino", "a run trained on OpenVINO is served by it"
     answers = {}
     for model in (torch_model, load_model(exported_onnx)):
         with TestClient(create_app(model)) as client:

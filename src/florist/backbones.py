@@ -20,7 +20,7 @@ import importlib
 import importlib.metadata
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,11 @@ class Backbone:
             crop_pct, crop_mode).
         tuned_id: hash of weights florist re-trained (tune-top/finetune); part of the
             feature-cache key so features of a tuned network never mix with the original's.
-        bf16: compute features under bfloat16 autocast; also part of the cache key.
+        bf16: compute features in bfloat16; also part of the cache key.
+        engine: what runs its frozen passes (``torch``, ``openvino``, ``onnxruntime``;
+            see :mod:`florist.engines`); part of the cache key too.
+        compiled: the engine's compiled copies of its networks, reused while their
+            weights are unchanged (see :func:`florist.features.frozen_pass`).
     """
 
     model: nn.Module
@@ -82,6 +86,8 @@ class Backbone:
     data_config: dict[str, Any]
     tuned_id: str | None = None  # set when some of the weights were re-trained by florist
     bf16: bool = False  # run the network under bfloat16 autocast (CPU with native bf16, or CUDA)
+    engine: str = "torch"
+    compiled: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_features(self) -> int:

@@ -45,6 +45,7 @@ class Bundle:
         tta_views: views whose probabilities are averaged at prediction time.
         tuned_id: content hash of the re-trained backbone tensors (None: the backbone is unchanged).
         bf16: the features were computed under bfloat16 autocast, and must be again.
+        engine: what computed the features (see :mod:`florist.engines`), and computes them again.
         train_config: the resolved settings of the run that trained it.
         florist_version: the florist that wrote it.
     """
@@ -57,6 +58,7 @@ class Bundle:
     tta_views: list[str] = field(default_factory=lambda: ["clean"])
     tuned_id: str | None = None
     bf16: bool = False
+    engine: str = "torch"
     train_config: dict[str, Any] = field(default_factory=dict)
     florist_version: str | None = None
 
@@ -70,6 +72,7 @@ class Bundle:
             "tta_views": self.tta_views,
             "tuned_id": self.tuned_id,
             "bf16": self.bf16,
+            "engine": self.engine,
             "train_config": self.train_config,
             "florist_version": self.florist_version,
         }

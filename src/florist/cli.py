@@ -39,6 +39,9 @@ out = Console()
 err = Console(stderr=True)
 
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or summary lines.")
+Engine = typer.Option(
+    "auto", help="Run folders: what computes the network (openvino, onnxruntime, torch); auto: the one it was trained with."
+)
 Seed = typer.Option(0, help="Random seed for the split and the training (same seed + data = same model).")
 EvalFraction = typer.Option(0.2, help="Share of each class held out for evaluation.")
 TrainPerClass = typer.Option(
@@ -241,6 +244,7 @@ def evaluate(
         None, help="Folder of class folders, path or URL [default: the run's eval split]."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+    engine: str = Engine,
     quiet: bool = Quiet,
 ) -> None:
     """Top-1/top-5, per-class precision/recall/F1 and the confusion matrix on labelled photos."""
@@ -249,7 +253,7 @@ def evaluate(
 
     _setup_logging(quiet)
     with progress_bar("Evaluating", enabled=not quiet and not json_out) as bar:
-        metrics = run_evaluate(run_dir, data_dir, progress=bar)
+        metrics = run_evaluate(run_dir, data_dir, engine=engine, progress=bar)
     if json_out:
         _print_json(metrics)
     else:
@@ -260,19 +264,20 @@ def evaluate(
 @friendly_errors
 def predict(
     run_dir: str = typer.Argument(
-        ..., help="A trained run folder, or a model exported with `florist export --format onnx` (local path or URL)."
+        ..., help="A trained run folder, or a model exported with `florist export` (.onnx or .xml; local path or URL)."
     ),
     inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (local or URLs)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
     csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),
+    engine: str = Engine,
     quiet: bool = Quiet,
 ) -> None:
-    """Classify images; unreadable files get an error entry and exit status 1. A .onnx model runs without torch."""
+    """Classify images; unreadable files get an error entry and exit status 1. An exported model runs without torch."""
     from .loader import load
 
     _setup_logging(quiet)
-    model = load(run_dir)
+    model = load(run_dir, engine=engine)
     predictions = model.predict(inputs, top_k=top_k)
     if json_out:
         for p in predictions:
@@ -342,7 +347,7 @@ def audit(
 def export(
     run_dir: Path = typer.Argument(..., help="A trained run folder."),
     out_file: Path = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or openvino (NAME.xml + NAME.bin)."),
     quantize: bool = typer.Option(
         False, help="ONNX only: dynamic int8 quantization; reports its top-1 change on the run's eval split."
     ),
@@ -426,17 +431,19 @@ def _print_audit(report: Any, limit: int) -> None:
 @app.command()
 @friendly_errors
 def serve(
-    model: Path = typer.Argument(..., help="A trained run folder (PyTorch) or an exported .onnx file (ONNX Runtime)."),
+    model: Path = typer.Argument(..., help="A trained run folder, or an exported .onnx (ONNX Runtime) or .xml (OpenVINO) file."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_mb: float = typer.Option(20.0, help="Largest accepted request body, in megabytes."),
+    engine: str = Engine,
     quiet: bool = Quiet,
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /labels, GET /health, a web page at / and docs at /docs."""
     from .serve import serve as run_serve
 
     _setup_logging(quiet)
-    run_serve(model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level="warning" if quiet else "info")
+    level = "warning" if quiet else "info"
+    run_serve(model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level=level, engine=engine)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

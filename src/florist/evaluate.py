@@ -81,9 +81,12 @@ def evaluate(
     data_dir: str | Path | None = None,
     *,
     batch_size: int = 64,
+    engine: str | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on a folder of class folders (default: the run's own eval split).
+
+    ``engine`` overrides the one the run computes its features with (see :mod:`florist.engines`).
 
     Every valid image whose class folder is one of the model's classes is used;
     a class folder the model does not know is an error that names it. Both folders
@@ -98,7 +101,7 @@ def evaluate(
     from .loader import load
 
     with remote.local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS, EVAL_CSV]) as run:
-        model = load(run.path)
+        model = load(run.path, engine=engine)
         if data_dir is None:
             items = read_manifest(run.path / EVAL_CSV, model.classes)
             paths = localize([it.path for it in items])

@@ -18,7 +18,6 @@ dynamic int8 quantization and reports its top-1 change on the run's eval split.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from .data import BadImage, Item, read_file, read_manifest
+from .engines import compile_frozen, supports_bf16, trace_onnx
 from .errors import FloristError, SettingError, literal
 from .files import atomic_write_bytes
 from .loader import load_run
@@ -41,14 +41,19 @@ from .predict import Classifier
 from .preprocess import ModelInput, image_arrays, model_inputs
 from .progress import ProgressFn
 from .runfiles import EVAL_CSV, TRAIN_CSV
-from .runtime import EXPORT_FORMAT, METADATA_KEY, OUTPUT_NAME, ArrayClassifier, OnnxClassifier
+from .runtime import (
+    EXPORT_FORMAT,
+    METADATA_KEY,
+    OUTPUT_NAME,
+    ArrayClassifier,
+    OnnxClassifier,
+    OpenVINOClassifier,
+)
 from .version import __version__
 
 log = logging.getLogger("florist")
 
-FORMATS = ("onnx", "torchscript")
-#: ONNX opset of exported graphs.
-OPSET = 17
+FORMATS = ("onnx", "torchscript", "openvino")
 #: Largest allowed difference between exported (fp32) and PyTorch probabilities.
 PARITY_TOLERANCE = 1e-4
 #: Name of the metadata file inside a TorchScript archive.
@@ -89,28 +94,36 @@ class ExportGraph(nn.Module):
         return probs.reshape(n_views, -1, probs.shape[1]).mean(dim=0)
 
 
-class TorchGraphClassifier(ArrayClassifier):
-    """The PyTorch back end of ``florist serve``: a run folder's :class:`ExportGraph`, run with torch.
+class GraphClassifier(ArrayClassifier):
+    """A run folder's :class:`ExportGraph` on one engine: the server's back end for run folders.
 
-    It takes the same preprocessed arrays as the exported file, so the two back ends
-    differ only in the engine. Features are computed in bf16 when the run's were.
+    It takes the same preprocessed arrays as an exported file, so the back ends differ
+    only in the engine. Features are computed in bf16 when the run's were.
+
+    Args:
+        classifier: the run's classifier (from :func:`florist.loader.load_run`).
+        engine: ``torch``, ``openvino`` or ``onnxruntime`` (default: the one the run's
+            features were computed with; see :mod:`florist.engines`).
     """
 
-    backend = "pytorch"
-
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, engine: str | None = None):
         self.graph = ExportGraph(classifier)
-        self.graph.bf16 = any(b.bf16 for b in classifier.backbones)
+        engine = engine or classifier.backbone.engine
+        bf16 = any(b.bf16 for b in classifier.backbones) and supports_bf16(engine)
+        self.graph.bf16 = bf16 and engine == "torch"  # the other engines are told the precision itself
+        example = [torch.zeros(1, *s.data_config["input_size"]) for s in self.graph.inputs]
+        self.net = compile_frozen(self.graph, example, engine, bf16=bf16 and engine != "torch")
+        self.backend = BACKENDS[engine]
         self.classes = list(classifier.classes)
         self.inputs = self.graph.inputs
         self.tta_views = self.graph.views
 
-    @torch.inference_mode()
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = [
-            torch.from_numpy(batch[s.name]).contiguous(memory_format=torch.channels_last) for s in self.inputs
-        ]
-        return self.graph(*tensors).numpy()
+        return self.net(*(torch.from_numpy(batch[s.name]) for s in self.inputs))
+
+
+#: What the server reports as its back end, by engine.
+BACKENDS = {"torch": "pytorch", "openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
 def export_metadata(classifier: Classifier, inputs: Sequence[ModelInput], precision: str) -> dict[str, Any]:
@@ -233,25 +246,7 @@ def _onnx_bytes(graph: ExportGraph, example: tuple[torch.Tensor, ...], metadata:
     import onnx
 
     names = [s.name for s in graph.inputs]
-    buffer = io.BytesIO()
-    # The TorchScript-based exporter: deprecated upstream but shipped by every torch florist supports,
-    # it needs no extra package (dynamo=True needs onnxscript) and exports EfficientNet-Lite 6x faster
-    # here, with the same parity. Torch before 2.5 has no `dynamo` argument and uses it anyway.
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            example,
-            buffer,
-            **legacy,
-            opset_version=OPSET,
-            input_names=names,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={name: {0: "batch"} for name in [*names, OUTPUT_NAME]},
-        )
-    model = onnx.load_from_string(buffer.getvalue())
-    return _with_metadata(model, metadata)
+    return _with_metadata(onnx.load_from_string(trace_onnx(graph, example, names, OUTPUT_NAME)), metadata)
 
 
 def _with_metadata(model: Any, metadata: dict[str, Any]) -> bytes:
@@ -373,6 +368,8 @@ def export(
     if check_images < 1:
         raise SettingError(f"{{check_images}} must be >= 1, got {literal(check_images)}")
     run, out = Path(run_dir), Path(out)
+    if format == "openvino" and out.suffix != ".xml":
+        raise SettingError(f"{{format:openvino}} writes NAME.xml and NAME.bin: name the .xml file, got {out.name!r}")
     classifier = load_run(run)
     graph = ExportGraph(classifier)
     batch = check_batch(run, classifier.classes, graph.inputs, check_images)
@@ -390,6 +387,10 @@ def export(
             quantized = compare_quantized(fp32, data, run, classifier.classes, eval_limit, progress)
             quantized["fp32_max_abs_diff"] = diff
             diff = float(np.abs(_session_probabilities(data, batch) - reference).max())
+    elif format == "openvino":
+        data, weights, diff = _openvino_files(graph, batch, reference, metadata)
+        _check_parity(diff)
+        atomic_write_bytes(out.with_suffix(".bin"), weights)  # the .xml, written last, names a whole model
     else:
         data, diff = _torchscript_bytes(graph, batch, reference, metadata)
         _check_parity(diff)
@@ -426,6 +427,31 @@ def _torchscript_bytes(
     with torch.inference_mode():
         diff = float(np.abs(loaded(*example).numpy() - reference).max())
     return data, diff
+
+
+def _openvino_files(
+    graph: ExportGraph, batch: CheckBatch, reference: np.ndarray, metadata: dict[str, Any]
+) -> tuple[bytes, bytes, float]:
+    """Convert ``graph`` to OpenVINO IR (fp32 weights, metadata in its rt_info) and measure its difference.
+
+    Returns the ``.xml`` and ``.bin`` contents, read back from a temporary folder.
+    """
+    import openvino as ov
+
+    example = batch.tensors(graph.inputs)
+    shapes = [[-1, *x.shape[1:]] for x in example]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
+        model = ov.convert_model(graph, example_input=example, input=shapes)
+    for port, spec in zip(model.inputs, graph.inputs):
+        port.get_tensor().set_names({spec.name})
+    model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    model.set_rt_info(json.dumps(metadata, ensure_ascii=False), [METADATA_KEY])
+    with tempfile.TemporaryDirectory(prefix="florist-openvino-") as tmp:
+        xml = Path(tmp, "model.xml")
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        diff = float(np.abs(OpenVINOClassifier(xml).probabilities(batch.arrays) - reference).max())
+        return xml.read_bytes(), xml.with_suffix(".bin").read_bytes(), diff
 
 
 def read_torchscript_metadata(path: str | Path) -> dict[str, Any]:

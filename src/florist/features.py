@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .data import BadImage
+from .engines import FrozenNet, compile_frozen, weights_token
 from .files import atomic_write_bytes, sha256_bytes
 from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
@@ -81,36 +84,43 @@ def build_transform(data_config: dict[str, Any], view: str = "clean"):
     """PIL image -> normalised tensor, exactly as timm evaluates the backbone.
 
     ``view="flip"`` mirrors the image first; ``aug<k>`` views take a random resized
-    crop, a random flip and colour jitter (seeded per image by the caller).
-    ``clean/u8`` and ``flip/u8`` give the same pixels as uint8, before scaling and
-    normalisation (``normalize_pixels`` finishes them bit for bit); ``square/u8`` is
-    the image resized and centre-cropped to a square of the resize size, the input
-    of fine-tuning's on-the-fly augmentation.
+    crop, a random flip and colour jitter (seeded per image by the caller). A view
+    name ending in ``/u8`` (:data:`PIXELS`) gives the same pixels as uint8, before
+    scaling and normalisation (:func:`normalize_pixels` finishes them bit for bit);
+    ``square/u8`` is the image resized and centre-cropped to a square of the resize
+    size, the input of fine-tuning's on-the-fly augmentation.
     """
-    from timm.data import create_transform
     from torchvision import transforms as T
 
-    if view.endswith(PIXELS):
-        return _pixel_transform(data_config, view[: -len(PIXELS)])
-    size = tuple(data_config["input_size"][-2:])
-    if is_random_view(view):
-        from timm.data.transforms import str_to_interp_mode
+    pixels = view.endswith(PIXELS)
+    base = view[: -len(PIXELS)] if pixels else view
+    if pixels:
+        tail = [T.PILToTensor()]
+    else:
+        tail = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+    return T.Compose([*_image_steps(data_config, base), *tail])
 
-        return T.Compose(
-            [
-                T.RandomResizedCrop(
-                    size,
-                    scale=AUGMENT["scale"],
-                    ratio=AUGMENT["ratio"],
-                    interpolation=str_to_interp_mode(data_config["interpolation"]),
-                ),
-                T.RandomHorizontalFlip(),
-                T.ColorJitter(AUGMENT["brightness"], AUGMENT["contrast"], AUGMENT["saturation"]),
-                T.ToTensor(),
-                T.Normalize(data_config["mean"], data_config["std"]),
-            ]
-        )
-    base = create_transform(
+
+def _image_steps(data_config: dict[str, Any], view: str) -> list:
+    """The PIL-image steps of ``view`` (geometry, and colour jitter for random views)."""
+    from timm.data import create_transform
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T
+
+    interpolation = str_to_interp_mode(data_config["interpolation"])
+    if view == "square":
+        side = resize_size(data_config)
+        return [T.Resize(side, interpolation=interpolation), T.CenterCrop(side)]
+    if is_random_view(view):
+        size = tuple(data_config["input_size"][-2:])
+        return [
+            T.RandomResizedCrop(size, scale=AUGMENT["scale"], ratio=AUGMENT["ratio"], interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(AUGMENT["brightness"], AUGMENT["contrast"], AUGMENT["saturation"]),
+        ]
+    if view not in ("clean", "flip"):
+        raise ValueError(f"unknown view {view!r}")
+    evaluation = create_transform(
         input_size=tuple(data_config["input_size"]),
         interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]),
@@ -119,27 +129,8 @@ def build_transform(data_config: dict[str, Any], view: str = "clean"):
         crop_mode=data_config.get("crop_mode", "center"),
         is_training=False,
     )
-    if view == "clean":
-        return base
-    if view == "flip":
-        return T.Compose([T.RandomHorizontalFlip(p=1.0), base])
-    raise ValueError(f"unknown view {view!r}")
-
-
-def _pixel_transform(data_config: dict[str, Any], view: str):
-    """The geometric steps of ``view``'s transform, ending in a uint8 tensor."""
-    from timm.data.transforms import str_to_interp_mode
-    from torchvision import transforms as T
-
-    if view == "square":
-        side = resize_size(data_config)
-        interpolation = str_to_interp_mode(data_config["interpolation"])
-        return T.Compose([T.Resize(side, interpolation=interpolation), T.CenterCrop(side), T.PILToTensor()])
-    if view not in ("clean", "flip"):
-        raise ValueError(f"no uint8 version of view {view!r}")
-    geometry = [t for t in build_transform(data_config, "clean").transforms if isinstance(t, (T.Resize, T.CenterCrop))]
-    flip = [T.RandomHorizontalFlip(p=1.0)] if view == "flip" else []
-    return T.Compose([*flip, *geometry, T.PILToTensor()])
+    geometry = [t for t in evaluation.transforms if isinstance(t, (T.Resize, T.CenterCrop))]
+    return [T.RandomHorizontalFlip(p=1.0), *geometry] if view == "flip" else geometry
 
 
 def normalize_pixels(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
@@ -158,12 +149,15 @@ def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: st
     """Cache namespace for one backbone + weights + preprocessing + view (+ seed for random views).
 
     ``part`` names what is cached ("pooled" features, or e.g. "blocks-4" activations).
+    The engine is named when it is not torch (so entries written before engines
+    existed keep their keys); cached pixels depend on no engine.
     """
     payload = json.dumps(
         {
             **({"part": part} if part != "pooled" else {}),
             **({"tuned": backbone.tuned_id} if backbone.tuned_id else {}),
             **({"precision": "bf16"} if backbone.bf16 else {}),
+            **({"engine": backbone.engine} if backbone.engine != "torch" and not view.endswith(PIXELS) else {}),
             **({"augment": AUGMENT, "seed": seed} if is_random_view(view) else {}),
             "version": FEATURE_VERSION,
             "timm_name": backbone.spec.timm_name,
@@ -237,54 +231,51 @@ def _digest(array: np.ndarray) -> str:
 
 
 class _ImageFiles(Dataset):
-    """Reads, hashes and preprocesses files (or TFRecord records); a bad one yields its error instead of raising."""
+    """Reads, hashes and decodes each file (or TFRecord record) once, and makes every view of it.
 
-    def __init__(
-        self,
-        paths: Sequence[str],
-        data_config: dict[str, Any],
-        view: str = "clean",
-        seed: int = 0,
-        *,
-        uint8: bool = False,
-    ):
-        """``uint8=True`` yields :func:`pixel_view`'s uint8 pixels for fixed views (see :func:`normalize_pixels`)."""
+    Each item is ``(index, pixels, sha256, error)`` with ``pixels`` a tuple holding
+    one uint8 ``[3, H, W]`` tensor per view (see :func:`loaded_view`): decoding and
+    resizing a JPEG costs more than a random crop of it, so the views share one
+    decode. A bad file yields blank tensors and its error instead of raising.
+    """
+
+    def __init__(self, paths: Sequence[str], data_config: dict[str, Any], views: Sequence[str], seed: int = 0):
         self.paths = list(paths)
         self.data_config = data_config
-        self.view = view
+        self.views = list(views)
         self.seed = seed
-        transform_view = pixel_view(view) if uint8 else view
-        self.transform = build_transform(data_config, transform_view)
-        dtype = torch.uint8 if transform_view.endswith(PIXELS) else None
-        self.blank = torch.zeros(view_shape(data_config, view), dtype=dtype)
+        self.transforms = [build_transform(data_config, loaded_view(v)) for v in self.views]
+        self.blanks = tuple(torch.zeros(view_shape(data_config, v), dtype=torch.uint8) for v in self.views)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str, str]:
+    def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, ...], str, str]:
         try:
             data = read_image_bytes(self.paths[i])  # a file or a TFRecord record
             image = load_for_backbone(data, self.data_config)
             sha = sha256_bytes(data)
-            if not is_random_view(self.view):
-                return i, self.transform(image), sha, ""
-            # Seed torchvision's (global) RNG per image, without disturbing the caller's.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(sha, self.view, self.seed))
-                return i, self.transform(image), sha, ""
+            return i, tuple(self._view(image, sha, v, t) for v, t in zip(self.views, self.transforms)), sha, ""
         except BadImage as e:
-            return i, self.blank, "", str(e) or "unreadable image"
+            return i, self.blanks, "", str(e) or "unreadable image"
+
+    def _view(self, image: Any, sha: str, view: str, transform: Callable) -> torch.Tensor:
+        if not is_random_view(view):
+            return transform(image)
+        # Seed torchvision's (global) RNG per image and view, without disturbing the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(sha, view, self.seed))
+            return transform(image)
 
 
-def pixel_view(view: str) -> str:
-    """The view the loader produces for ``view``: fixed views travel as uint8 (``clean/u8``).
+def loaded_view(view: str) -> str:
+    """The uint8 view the loader makes for ``view`` (``clean`` -> ``clean/u8``).
 
-    Workers then send a quarter of the bytes through shared memory (prefetched batches
-    of 64 float images hold 38 MB each) and :func:`normalize_pixels` finishes them, bit
-    for bit as the float view would, next to the model. Random views stay float
-    (their colour jitter works on floats).
+    Workers send a quarter of the bytes of float images through shared memory, and
+    :func:`normalize_pixels` finishes them next to the model, bit for bit as the
+    float transform would: every step before ``ToTensor`` works on uint8 PIL images.
     """
-    return view + PIXELS if view in ("clean", "flip") else view
+    return view if view.endswith(PIXELS) else view + PIXELS
 
 
 @dataclass
@@ -331,120 +322,127 @@ def default_workers(n_images: int) -> int:
 FORWARD_BATCH = 16
 
 
+def frozen_pass(backbone: Backbone, network: nn.Module | None = None) -> FrozenNet:
+    """``network`` (default: the whole backbone) compiled for the backbone's engine and precision.
+
+    Compiling for OpenVINO traces the network (seconds), so the compiled copy is kept
+    on the backbone and reused for as long as the same module's weights, engine,
+    precision and input size are unchanged.
+    """
+    network = backbone.model if network is None else network
+    size = tuple(backbone.data_config["input_size"])
+    token = (backbone.engine, backbone.bf16, size, weights_token(network))
+    kept = backbone.compiled.get(id(network))
+    if kept is not None and kept[0]() is network and kept[1] == token:
+        return kept[2]
+    compiled = compile_frozen(network, [torch.zeros(1, *size)], backbone.engine, bf16=backbone.bf16)
+    backbone.compiled[id(network)] = (weakref.ref(network), token, compiled)
+    return compiled
+
+
 def _forward(
-    network: torch.nn.Module, backbone: Backbone, images: torch.Tensor, view: str, forward_batch: int | None
+    net: FrozenNet | None, data_config: dict[str, Any], pixels: torch.Tensor, forward_batch: int | None
 ) -> np.ndarray:
-    """``network`` on a loaded batch, ``forward_batch`` images at a time: float32 ``[N, ...]``."""
-    device = next(backbone.model.parameters()).device
+    """``net`` on a loaded uint8 batch, ``forward_batch`` images at a time (None: the pixels themselves)."""
+    if net is None:
+        return pixels.numpy()
     if forward_batch is None:
-        forward_batch = FORWARD_BATCH if device.type == "cpu" else len(images)
-    outputs = []
-    for x in images.split(forward_batch):
-        x = x.to(device)
-        if pixel_view(view) != view:
-            x = normalize_pixels(x, backbone.data_config)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone.bf16):
-            outputs.append(network(x).float().cpu().numpy())
-    return np.concatenate(outputs)
+        forward_batch = FORWARD_BATCH if net.device.type == "cpu" else len(pixels)
+    return np.concatenate(
+        [net(normalize_pixels(x.to(net.device), data_config)) for x in pixels.split(forward_batch)]
+    )
+
+
+def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, view: str = "clean", **kwargs: Any) -> FeatureResult:
+    """Pooled backbone features of one view of ``paths`` (:func:`extract_views` for one view).
+
+    Args:
+        cache: a :class:`FeatureCache` made with the same ``view`` and ``seed`` (see
+            :func:`feature_key`), read and filled; None computes everything.
+        kwargs: the other arguments of :func:`extract_views` (``shas``, ``seed``, ...).
+    """
+    cache = kwargs.pop("cache", None)
+    return _extract(backbone, paths, {view: cache}, **kwargs)[view]
 
 
 @torch.inference_mode()
-def extract_features(
+def _extract(
     backbone: Backbone,
     paths: Sequence[str | Path],
+    caches: dict[str, FeatureCache | None],
     *,
     shas: Sequence[str | None] | None = None,
-    cache: FeatureCache | None = None,
-    view: str = "clean",
     seed: int = 0,
     batch_size: int = 64,
     forward_batch: int | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
-    network: torch.nn.Module | None = None,
+    network: nn.Module | None = None,
     out_shape: tuple[int, ...] | None = None,
     dtype: type = np.float32,
-) -> FeatureResult:
-    """Pooled backbone features for ``paths``, reading and filling ``cache`` when given.
-
-    With ``network``/``out_shape``/``dtype`` the same machinery caches other outputs,
-    such as the fp16 activations entering the top blocks (see :mod:`florist.tune`).
-
-    Args:
-        backbone: from :func:`florist.backbones.create_backbone`.
-        paths: image files, or TFRecord records named by :func:`florist.tfrecord.record_ref`.
-        shas: known content hashes (from a manifest) so cached images are not even read;
-            without them each file is read and hashed, and the network still runs only
-            for images missing from the cache.
-        cache: where to look up and store features; None computes everything. It must
-            have been made with the same ``view`` and ``seed`` (see :func:`feature_key`).
-        view: ``clean``, ``flip`` or ``aug<k>`` (see :func:`build_transform`).
-        seed: seed of random views.
-        batch_size: images per loaded batch (what decoding workers hand over).
-        forward_batch: images per forward pass (default: :data:`FORWARD_BATCH` on CPU,
-            the whole loaded batch on an accelerator).
-        workers: DataLoader worker processes for decoding (default: by data size).
-        progress: ``progress(done, total)`` callback.
-        network: module run on the preprocessed batch (default: the whole backbone).
-        out_shape: shape of one image's output (default: ``(num_features,)``, or the
-            pixel view's shape for ``.../u8`` views).
-        dtype: dtype of the returned and cached arrays.
-    """
+) -> dict[str, FeatureResult]:
+    """Outputs of every view in ``caches`` (view -> its cache or None), each image decoded once."""
     paths = [str(p) for p in paths]
-    network = network if network is not None else backbone.model
-    if out_shape:
-        shape = tuple(out_shape)
-    else:
-        shape = view_shape(backbone.data_config, view) if view.endswith(PIXELS) else (backbone.num_features,)
-    features = np.zeros((len(paths), *shape), dtype=dtype)
-    todo: list[int] = []
-    hash_known: set[int] = set()  # looked up already: no second lookup once the file is read
-    for i, sha in enumerate(shas or [None] * len(paths)):
-        cached = cache.get(sha) if (cache is not None and sha) else None
-        if cached is not None and cached.shape == shape:
-            features[i] = cached
-        else:
-            todo.append(i)
-            if sha:
-                hash_known.add(i)
-    total = len(paths)
-    done = total - len(todo)
+    views = list(caches)
+    shapes = {v: _out_shape(backbone, v, out_shape) for v in views}
+    outputs = {v: np.zeros((len(paths), *shapes[v]), dtype=dtype) for v in views}
+    missing: dict[str, set[int]] = {v: set() for v in views}
+    known = list(shas) if shas else [None] * len(paths)
+    for v in views:
+        for i, sha in enumerate(known):
+            cached = caches[v].get(sha) if (caches[v] is not None and sha) else None
+            if cached is not None and cached.shape == shapes[v]:
+                outputs[v][i] = cached
+            else:
+                missing[v].add(i)
+    todo = sorted(set().union(*missing.values()))
+    total, done = len(paths), len(paths) - len(todo)
     if progress:
         progress(done, total)
     errors: dict[int, str] = {}
-    ran = 0
+    ran = dict.fromkeys(views, 0)
+    load = [v for v in views if missing[v]]
     if todo:
+        nets = {v: None if v.endswith(PIXELS) else frozen_pass(backbone, network) for v in load}
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
-            _ImageFiles([paths[i] for i in todo], backbone.data_config, view, seed, uint8=True),
+            _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
             batch_size=batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
         )
-        for idx, images, batch_shas, batch_errors in loader:
-            good = []
-            for j, err in enumerate(batch_errors):
-                lookup = cache is not None and not err and todo[int(idx[j])] not in hash_known
-                cached = cache.get(batch_shas[j]) if lookup else None
-                if cached is not None and cached.shape == shape:
-                    features[todo[int(idx[j])]] = cached  # hash known only after reading the file
-                elif not err:
-                    good.append(j)
-            ran += len(good)
-            if good:
-                out = _forward(network, backbone, images[good], view, forward_batch).astype(dtype)
-                for row, j in zip(out, good):
-                    features[todo[int(idx[j])]] = row
-                    if cache is not None:
-                        cache.put(batch_shas[j], row)
-            for j, err in enumerate(batch_errors):
-                if err:
-                    errors[todo[int(idx[j])]] = err
-            done += len(idx)
+        for idx, pixels, batch_shas, batch_errors in loader:
+            rows = [todo[int(j)] for j in idx]
+            errors.update({row: err for row, err in zip(rows, batch_errors) if err})
+            for v, view_pixels in zip(load, pixels):
+                good = []
+                for j, row in enumerate(rows):
+                    if batch_errors[j] or row not in missing[v]:
+                        continue
+                    cache = caches[v]
+                    cached = cache.get(batch_shas[j]) if cache is not None and not known[row] else None
+                    if cached is not None and cached.shape == shapes[v]:
+                        outputs[v][row] = cached  # the hash was known only once the file was read
+                    else:
+                        good.append(j)
+                if not good:
+                    continue
+                ran[v] += len(good)
+                out = _forward(nets[v], backbone.data_config, view_pixels[good], forward_batch).astype(dtype)
+                for j, values in zip(good, out):
+                    outputs[v][rows[j]] = values
+                    if caches[v] is not None:
+                        caches[v].put(batch_shas[j], values)
+            done += len(rows)
             if progress:
                 progress(done, total)
-    return FeatureResult(features, errors, computed=ran)
+    return {v: FeatureResult(outputs[v], dict(errors), computed=ran[v]) for v in views}
+
+
+def _out_shape(backbone: Backbone, view: str, out_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    if out_shape:
+        return tuple(out_shape)
+    return view_shape(backbone.data_config, view) if view.endswith(PIXELS) else (backbone.num_features,)
 
 
 def extract_views(
@@ -459,23 +457,35 @@ def extract_views(
     progress_for: Callable[[str], AbstractContextManager[ProgressFn]] | None = None,
     **kwargs: Any,
 ) -> dict[str, FeatureResult]:
-    """:func:`extract_features` for several views, each cached under its own key.
+    """Network outputs of several views of ``paths``, each view cached under its own key.
+
+    Every image is read and decoded once for all its views; only the (image, view)
+    pairs missing from the cache go through the network.
 
     Args:
-        views: names from :func:`view_names` (or TTA views such as ``["clean", "flip"]``).
+        views: names from :func:`view_names` (or TTA views such as ``["clean", "flip"]``);
+            ``.../u8`` views are the loader's uint8 pixels themselves, cached as they are.
+        shas: known content hashes (from a manifest) so cached images are not even read;
+            without them each file is read and hashed, and the network still runs only
+            for images missing from the cache.
         cache_root: cache folder; None disables caching.
+        seed: seed of random views.
         part: what is extracted, part of the cache key (see :func:`feature_key`).
-        progress_for: given a view name, returns a context manager yielding a progress callback.
-        kwargs: passed on to :func:`extract_features` (``network``, ``out_shape``, ``dtype``...).
+        progress_for: given a label of the views, returns a context manager yielding a
+            ``progress(done, total)`` callback.
+        kwargs: ``batch_size`` (images per loaded batch, what decoding workers hand over),
+            ``forward_batch`` (images per forward pass; default :data:`FORWARD_BATCH` on CPU,
+            the whole loaded batch on an accelerator), ``workers`` (decoding processes;
+            default by data size), ``network`` (module run on the preprocessed batch,
+            default the whole backbone, such as tune-top's frozen bottom), ``out_shape``
+            and ``dtype`` of one image's output.
     """
-    results = {}
-    for view in views:
-        cache = FeatureCache(cache_root, feature_key(backbone, view, seed, part)) if cache_root else None
-        with progress_for(view) if progress_for else nullcontext(None) as bar:
-            results[view] = extract_features(
-                backbone, paths, shas=shas, cache=cache, view=view, seed=seed, progress=bar, **kwargs
-            )
-    return results
+    caches = {
+        v: FeatureCache(cache_root, feature_key(backbone, v, seed, part)) if cache_root else None for v in views
+    }
+    label = ", ".join(views) if len(views) <= 2 else f"{len(views)} views"
+    with progress_for(label) if progress_for else nullcontext(None) as bar:
+        return _extract(backbone, paths, caches, shas=shas, seed=seed, progress=bar, **kwargs)
 
 
 def extract_concat(

@@ -20,6 +20,7 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone, state_id
 from .bundle import BACKBONE_PREFIX, Bundle, build_head
+from .engines import supports_bf16, usable_engine
 from .errors import FloristError
 from .features import FeatureResult, extract_concat, merged_errors
 from .inputs import expand_inputs
@@ -55,10 +56,13 @@ class Classifier:
         self.bundle = bundle
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> "Classifier":
+    def from_bundle(cls, bundle: Bundle, engine: str | None = None) -> "Classifier":
+        """The classifier of a bundle; ``engine`` (default: the bundle's, where it runs) computes its features."""
+        engine = engine or usable_engine(bundle.engine)
         backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
         for b, data_config in zip(backbones, bundle.data_configs):
-            b.bf16 = bundle.bf16
+            b.bf16 = bundle.bf16 and supports_bf16(engine)
+            b.engine = engine
             b.data_config = dict(data_config)  # the preprocessing the model was trained and evaluated with
         backbone = backbones[0]
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}

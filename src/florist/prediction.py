@@ -49,6 +49,10 @@ def rank(
     return out
 
 
-def is_onnx(path: str | Path) -> bool:
-    """True for a path naming an exported ONNX model (rather than a run folder)."""
-    return Path(path).suffix.lower() == ".onnx"
+#: File suffixes of exported models: ONNX, and OpenVINO IR (``.xml`` beside its ``.bin``).
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def is_exported(path: str | Path) -> bool:
+    """True for a path naming an exported model file (rather than a run folder)."""
+    return Path(path).suffix.lower() in EXPORTED_SUFFIXES

@@ -559,16 +559,11 @@ def sample_inputs(
         for label in sorted(by_class):
             if by_class[label] and len(picked) < SAMPLE_IMAGES:
                 picked.append(by_class[label].pop(0))
-    mean = np.array(data_config["mean"], dtype=np.float32)[:, None, None]
-    std = np.array(data_config["std"], dtype=np.float32)[:, None, None]
-    out = {}
-    for view in views:
-        dataset = _ImageFiles([it.path for it in picked], data_config, view, seed)
-        tensors = [dataset[i] for i in range(len(picked))]
-        batch = np.stack([t.numpy() for _, t, _, err in tensors if not err]) if tensors else np.zeros((0,))
-        if len(batch):
-            out[view] = np.clip(batch * std + mean, 0.0, 1.0)
-    return out
+    dataset = _ImageFiles([it.path for it in picked], data_config, views, seed)
+    good = [item for item in (dataset[i] for i in range(len(picked))) if not item[3]]
+    if not good:
+        return {}
+    return {v: np.stack([pixels[k].numpy() for _, pixels, _, _ in good]).astype(np.float32) / 255 for k, v in enumerate(views)}
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""Prediction from preprocessed arrays, and the ONNX Runtime back end (no torch needed).
+"""Prediction from preprocessed arrays, and the ONNX Runtime and OpenVINO back ends (no torch needed).
 
 An exported model (see :mod:`florist.export`) is one graph: every backbone, the
 head and the test-time average, from preprocessed pixels to probabilities. Its
 metadata holds everything else (classes, inputs with their preprocessing), so
 ``OnnxClassifier("model.onnx")`` needs nothing but the file, Pillow, numpy and
-onnxruntime.
+onnxruntime; ``OpenVINOClassifier("model.xml")`` the same with OpenVINO.
 
 :class:`ArrayClassifier` is what both serving back ends share: bytes or files ->
 :func:`florist.preprocess.image_arrays` -> a batched ``probabilities`` call -> ranked
@@ -14,8 +14,10 @@ onnxruntime.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,3 +187,80 @@ class OnnxClassifier(ArrayClassifier):
 
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], batch)[0]
+
+
+class OpenVINORunner:
+    """A compiled OpenVINO model called from any thread: one infer request per thread (a request is not thread-safe)."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self._local = threading.local()
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in arrays])
+        return np.array(result[0], dtype=np.float32)  # a copy: the request reuses its output buffer
+
+
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``, kept until exit.
+
+    Every Core loads its own CPU plugin, which installs an alternate signal stack on
+    the calling thread and puts the previous one back when it is destroyed. Cores
+    destroyed out of creation order put back a stack that another one already freed,
+    and the next signal handled on that thread (SIGCHLD after any subprocess) kills
+    the process with SIGSEGV: seen here after a few dozen short-lived Cores.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
+def compile_openvino(model: Any, bf16: bool, threads: int | None = None) -> OpenVINORunner:
+    """An ``openvino.Model`` compiled for this CPU, in bf16 or strictly fp32.
+
+    OpenVINO computes in bf16 by default where the CPU has it; florist asks for the
+    precision the run chose, so features match their cache key and exported fp32
+    files their parity check. ``threads`` (default: OpenVINO's, one per core) lets a
+    caller follow torch's budget, which torchrun and ``OMP_NUM_THREADS`` set.
+    """
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return OpenVINORunner(openvino_core().compile_model(model, "CPU", config))
+
+
+class OpenVINOClassifier(ArrayClassifier):
+    """An exported OpenVINO model (``model.xml`` + ``model.bin``) run on the CPU; needs no torch.
+
+    Args:
+        path: the ``.xml`` file written by ``florist export --format openvino``.
+        threads: inference threads (default: one per core).
+        bf16: compute in bfloat16 where the CPU has it (default: fp32, as the export was checked).
+
+    Raises:
+        FloristError: missing files, not an OpenVINO model, or not exported by florist.
+    """
+
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, bf16: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
+            raise FloristError(f"model files not found: {self.path} and {self.path.with_suffix('.bin').name}")
+        try:
+            model = openvino_core().read_model(str(self.path))
+            raw = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+        except Exception as e:  # OpenVINO raises its own exception types for bad files
+            raise FloristError(f"cannot load {self.path} as an OpenVINO model: {str(e).splitlines()[0][:200]}") from None
+        if raw is None:
+            raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")
+        self.classes, self.inputs, self.metadata = read_metadata(json.loads(raw), str(self.path))
+        self.tta_views = list(self.metadata.get("tta_views", ["clean"]))
+        self.run = compile_openvino(model, bf16, threads)
+
+    def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run([batch[s.name] for s in self.inputs])

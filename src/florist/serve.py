@@ -1,7 +1,9 @@
 """Stage 8, *serve*: a model behind an HTTP API and a web page (FastAPI + uvicorn).
 
-    florist serve runs/flowers          # PyTorch back end (the run folder)
+    florist serve runs/flowers          # the run folder, on its engine (OpenVINO on a CPU, else torch)
+    florist serve runs/flowers --engine torch
     florist serve model.onnx            # ONNX Runtime back end (an exported file; no torch used)
+    florist serve model.xml             # OpenVINO back end (an exported file; no torch used)
 
 Endpoints: ``POST /predict`` (an image as multipart field ``file`` or as the raw
 request body; JSON top-k labels and probabilities), ``GET /labels``,
@@ -53,18 +55,21 @@ DEFAULT_MAX_BYTES = 20_000_000
 MAX_BATCH = 16
 
 
-def load_model(path: str | Path) -> ArrayClassifier:
-    """The serving back end for ``path``: ONNX Runtime for a ``.onnx`` file, else PyTorch on a run folder.
+def load_model(path: str | Path, engine: str | None = None) -> ArrayClassifier:
+    """The serving back end for ``path``: its runtime for an exported file, else the run folder's graph.
+
+    A run folder's graph runs on ``engine`` (default: the one its features were
+    computed with, where it runs here; see :mod:`florist.engines`).
 
     Raises:
-        FloristError: not a finished run folder or a florist-exported ONNX file.
+        FloristError: not a finished run folder or a florist-exported ONNX or OpenVINO file.
     """
-    model = load(path)
-    if isinstance(model, ArrayClassifier):  # an exported file, run by ONNX Runtime
+    model = load(path, engine=engine)
+    if isinstance(model, ArrayClassifier):  # an exported file, run by its own runtime
         return model
-    from .export import TorchGraphClassifier
+    from .export import GraphClassifier
 
-    return TorchGraphClassifier(model)
+    return GraphClassifier(model)
 
 
 # ---------------------------------------------------------------------------
@@ -294,15 +299,16 @@ def serve(
     port: int = 8000,
     max_bytes: int = DEFAULT_MAX_BYTES,
     log_level: str = "info",
+    engine: str | None = None,
 ) -> None:
-    """Load ``model_path`` and serve it with uvicorn until interrupted.
+    """Load ``model_path`` (a run folder's graph on ``engine``) and serve it with uvicorn until interrupted.
 
     Raises:
         FloristError: the model cannot be loaded, or the address cannot be bound.
     """
     import uvicorn
 
-    model = load_model(model_path)
+    model = load_model(model_path, engine)
     app = create_app(model, max_bytes=max_bytes, name=str(model_path))
     log.info(
         "serving %s (%s back end, %d classes) on http://%s:%d",

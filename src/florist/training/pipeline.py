@@ -29,6 +29,7 @@ from ..backbones import Backbone, create_backbone, state_id
 from ..bundle import BACKBONE_PREFIX, Bundle, is_complete, linear_head_spec, save_bundle
 from ..data import Item, Prepared, Skipped, check_memo_file, prepare, write_manifests
 from ..devices import pick_device, uses_bf16
+from ..engines import resolve_engine, supports_bf16
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
 from ..features import FeatureResult, extract_concat, merged_errors
@@ -122,7 +123,7 @@ def train(
     joined = dist.init(device)
     try:
         started = time.perf_counter()
-        backbones = _create_backbones(cfg)  # a bad name fails here, before out_dir is touched
+        backbones = _create_backbones(cfg, device)  # a bad name fails here, before out_dir is touched
         # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
         # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
         with (
@@ -140,11 +141,15 @@ def train(
             dist.shutdown()
 
 
-def _create_backbones(cfg: TrainConfig) -> list[Backbone]:
-    """One backbone per name in ``cfg.backbone``, in that order, computing in bf16 where asked."""
+def _create_backbones(cfg: TrainConfig, device: torch.device) -> list[Backbone]:
+    """One backbone per name in ``cfg.backbone``, in that order, on the chosen engine and precision."""
+    engine = resolve_engine(cfg.engine, device)
+    if cfg.precision == "bf16" and not supports_bf16(engine):
+        raise SettingError("{precision:bf16} needs {engine:openvino} or {engine:torch}: ONNX Runtime computes in fp32")
     backbones = [create_backbone(name, cfg.weights) for name in cfg.backbone_names]
     for b in backbones:
-        b.bf16 = uses_bf16(cfg.precision)
+        b.engine = engine
+        b.bf16 = uses_bf16(cfg.precision) and supports_bf16(engine)
     return backbones
 
 
@@ -259,6 +264,7 @@ def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: 
         tta_views=cfg.tta_views,
         tuned_id=backbones[0].tuned_id,
         bf16=backbones[0].bf16,
+        engine=backbones[0].engine,
         train_config=cfg.to_dict(),
         florist_version=__version__,
     )

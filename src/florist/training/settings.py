@@ -116,6 +116,13 @@ class TrainConfig:
         "stored with the model, so prediction computes features the same way.",
         one_of("auto", "fp32", "bf16"),
     )
+    engine: str = setting(
+        "auto",
+        "What runs the frozen network passes (features, cached activations, prediction): openvino, "
+        "onnxruntime, torch, or auto (OpenVINO on a CPU where it loads, else torch); training steps always "
+        "run on torch. Stored with the model.",
+        one_of("auto", "openvino", "onnxruntime", "torch"),
+    )
     backbone: str = setting(
         DEFAULT_BACKBONE,
         "efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
@@ -176,7 +183,7 @@ class TrainConfig:
 
 #: Settings every mode reads; the others belong to the modes whose defaults name them.
 COMMON = (
-    "mode", "precision", "backbone", "weights", "eval_fraction", "train_per_class", "steps", "batch_size",
+    "mode", "precision", "engine", "backbone", "weights", "eval_fraction", "train_per_class", "steps", "batch_size",
     "dropout", "class_weights", "tta", "seed", "max_pixels",
 )  # fmt: skip
 

@@ -27,7 +27,6 @@ def fit(job: Job) -> Fitted:
     from dataclasses import asdict, replace
 
     import numpy as np
-    from torch import nn
 
     from ...bundle import build_head, linear_head_spec
     from ...data import Prepared
@@ -53,7 +52,7 @@ def fit(job: Job) -> Fitted:
         head = build_head(linear_head_spec(backbone.num_features, len(prepared.classes), cfg.dropout))
         warm_computed, warm_top1 = 0, checkpoint.get("notes", {}).get("warm_start_top1")
     t = time.perf_counter()
-    pixel_args: dict[str, Any] = dict(part="pixels", network=nn.Identity(), dtype=np.uint8)
+    pixel_args: dict[str, Any] = dict(part="pixels", dtype=np.uint8)
     square = "square" + PIXELS
     kept, pixels, computed = extract_splits(
         replace(job, prepared=prepared), {"train": [square], "eval": []}, **pixel_args
