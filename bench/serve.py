@@ -1,6 +1,8 @@
-"""Throughput and latency of ``florist serve`` on loopback, PyTorch vs ONNX Runtime back ends.
+"""Throughput and latency of ``florist serve`` on loopback, per back end.
 
-Protocol: the server runs in its own process (``florist serve MODEL --port P``);
+Back ends: the run folder on ``--engine torch`` and on ``--engine openvino``, and its
+fp32 ONNX export (ONNX Runtime). Protocol: the server runs in its own process
+(``florist serve MODEL --port P``);
 a client posts real photos (JPEG bytes, raw body) from the run's eval split,
 round-robin, from 1 and then 8 threads (keep-alive connections), after a few
 warm-up requests. Requests/s is completed requests over wall time; latency is
@@ -8,7 +10,7 @@ per request, as the client sees it (upload, decode, preprocessing, model, JSON);
 ``server_rss_mib`` is the server process's resident memory after each row.
 Client and server share the machine's CPUs.
 
-Writes ``bench/results/serve.json``.
+Writes ``bench/results/serve.json`` and the table between README.md's ``serve-table`` markers.
 
     python bench/serve.py runs/flowers                       # exports runs/flowers to ONNX first
     python bench/serve.py runs/flowers --requests 200 --concurrency 1,4,8
@@ -32,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+from readme_table import update_readme  # bench/readme_table.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve.json"
@@ -43,11 +46,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path) -> tuple[subprocess.Popen, str]:
-    """``florist serve model`` on a free loopback port, once /health answers."""
+def start_server(model: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """``florist serve model FLAGS`` on a free loopback port, once /health answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "florist", "serve", str(model), "--port", str(port), "--quiet"]
+    command = [sys.executable, "-m", "florist", "serve", str(model), *flags, "--port", str(port), "--quiet"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -133,8 +136,13 @@ def main() -> None:
             onnx_path = Path(tmp) / "model.onnx"
             export(args.run, onnx_path, check_images=4)
         results = []
-        for backend, model in (("pytorch", args.run), ("onnx", onnx_path)):
-            process, url = start_server(model)
+        backends = [
+            ("torch (run folder)", args.run, ["--engine", "torch"]),
+            ("OpenVINO (run folder)", args.run, ["--engine", "openvino"]),
+            ("ONNX Runtime (fp32 export)", onnx_path, []),
+        ]
+        for backend, model, flags in backends:
+            process, url = start_server(model, flags)
             server = psutil.Process(process.pid)
             try:
                 run_load(url, images, 4, 1)  # warm-up
@@ -160,6 +168,22 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.out.resolve() == RESULTS:  # the README shows the committed results only
+        update_readme("serve-table", table(report), ROOT / "README.md")
+
+
+def table(report: dict) -> str:
+    """Markdown table for the README, with each back end's requests/s against torch's at the same load."""
+    rows = report["results"]
+    torch_rate = {r["concurrency"]: r["requests_per_s"] for r in rows if r["backend"].startswith("torch")}
+    lines = ["| back end | clients | requests/s | vs torch | p50 | p99 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["requests_per_s"] / torch_rate[r["concurrency"]] if r["concurrency"] in torch_rate else float("nan")
+        lines.append(
+            f"| {r['backend']} | {r['concurrency']} | {r['requests_per_s']:.1f} | {ratio:.2f}x "
+            f"| {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
