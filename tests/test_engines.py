@@ -266,3 +266,31 @@ def test_openvino_export_bad_names_and_files(trained_run, tmp_path):
         florist.load(broken)
     with pytest.raises(FloristError, match="model files not found"):
         florist.load(tmp_path / "absent.xml")
+
+
+def test_openvino_models_are_converted_once_per_machine_and_a_damaged_one_again(tiny_backbone, tmp_path, monkeypatch):
+    import openvino as ov
+
+    monkeypatch.setenv("FLORIST_CACHE", str(tmp_path / "cache"))
+    conversions = []
+    real = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: conversions.append(1) or real(*a, **k))
+    x = torch.rand(3, *tiny_backbone.data_config["input_size"])
+    with torch.inference_mode():
+        expected = tiny_backbone.model(x).numpy()
+    first = engines.compile_frozen(tiny_backbone.model, [x[:1]], "openvino")
+    cached = sorted((tmp_path / "cache" / "openvino").glob("*.xml"))
+    assert len(conversions) == 1 and len(cached) == 1 and cached[0].with_suffix(".bin").is_file()
+    again = engines.compile_frozen(tiny_backbone.model, [x[:1]], "openvino")
+    assert len(conversions) == 1, "the cached model was used"
+    np.testing.assert_allclose(again(x), first(x), rtol=1e-5, atol=1e-6)
+    weights = cached[0].with_suffix(".bin")
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64 * [0x7F])  # huge floats in the middle
+    weights.write_bytes(bytes(damaged))
+    repaired = engines.compile_frozen(tiny_backbone.model, [x[:1]], "openvino")
+    assert len(conversions) == 2, "a cached model that disagrees with torch is converted again"
+    np.testing.assert_allclose(repaired(x), expected, rtol=1e-4, atol=1e-5)
+    cached[0].write_text("<net")  # unreadable: converted again, never an error
+    engines.compile_frozen(tiny_backbone.model, [x[:1]], "openvino")
+    assert len(conversions) == 3

@@ -20,18 +20,25 @@ computes features the way training did.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import io
 import itertools
+import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import SettingError, literal
+from .files import atomic_write_bytes
+from .remote import default_cache_dir
 from .runtime import compile_openvino, openvino_core
 
 log = logging.getLogger("florist")
@@ -137,16 +144,69 @@ class _OpenVINONet(FrozenNet):
     device = torch.device("cpu")
 
     def __init__(self, module: nn.Module, example: Sequence[torch.Tensor], bf16: bool):
-        import openvino as ov
-
-        shapes = [[-1, *x.shape[1:]] for x in example]
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
-            model = ov.convert_model(module, example_input=tuple(example), input=shapes)
-        self.run = compile_openvino(model, bf16, torch.get_num_threads())
+        self.run = compile_openvino(openvino_model(module, example), bf16, torch.get_num_threads())
 
     def __call__(self, *inputs: torch.Tensor) -> np.ndarray:
         return self.run([x.detach().cpu().numpy() for x in inputs])
+
+
+#: Largest relative difference between torch and a cached OpenVINO model on the example input.
+CACHED_IR_TOLERANCE = 1e-3
+
+
+def openvino_model(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
+    """``module`` as an ``openvino.Model`` with a dynamic batch axis, converted once per machine.
+
+    Tracing EfficientNet-Lite0 into OpenVINO takes about 5 s, longer than a warm
+    prediction, so the converted model is kept in florist's cache under a hash of
+    the architecture, the weights, the input shapes and the OpenVINO version. A
+    cached model is used only if it computes what torch computes on the example.
+    """
+    import openvino as ov
+
+    from .backbones import state_id
+
+    shapes = [[-1, *x.shape[1:]] for x in example]
+    payload = [ov.__version__, type(module).__name__, repr(module), shapes, state_id(module.state_dict())]
+    path = default_cache_dir() / "openvino" / f"{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]}.xml"
+    cached = _read_ir(path, module, example)
+    if cached is not None:
+        return cached
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
+        model = ov.convert_model(module, example_input=tuple(example), input=shapes)
+    _write_ir(model, path)
+    return model
+
+
+def _read_ir(path: Path, module: nn.Module, example: Sequence[torch.Tensor]) -> Any | None:
+    """The cached model at ``path`` if it is there, loads, and agrees with ``module``; else None."""
+    if not (path.is_file() and path.with_suffix(".bin").is_file()):
+        return None
+    try:
+        model = openvino_core().read_model(str(path))
+        got = compile_openvino(model, bf16=False)([x.numpy() for x in example])
+    except Exception:  # damaged or from another OpenVINO: convert again
+        return None
+    with torch.inference_mode():
+        expected = module(*example).float().numpy()
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    return model if got.shape == expected.shape and np.abs(got - expected).max() <= CACHED_IR_TOLERANCE * scale else None
+
+
+def _write_ir(model: Any, path: Path) -> None:
+    """Save ``model`` as ``path`` (.xml) and its .bin, each atomically (the .xml last); a read-only cache is skipped."""
+    import openvino as ov
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+            staged = Path(tmp, "model.xml")
+            ov.save_model(model, str(staged), compress_to_fp16=False)
+            atomic_write_bytes(path.with_suffix(".bin"), staged.with_suffix(".bin").read_bytes())
+            atomic_write_bytes(path, staged.read_bytes())
+    except OSError as e:
+        log.debug("cannot cache the OpenVINO model in %s: %s", path.parent, e)
 
 
 class _OnnxRuntimeNet(FrozenNet):
