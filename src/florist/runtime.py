@@ -6,10 +6,10 @@ metadata holds everything else (classes, inputs with their preprocessing), so
 ``OnnxClassifier("model.onnx")`` needs nothing but the file, Pillow, numpy and
 onnxruntime; ``OpenVINOClassifier("model.xml")`` the same with OpenVINO.
 
-:class:`ArrayClassifier` is what both serving back ends share: bytes or files ->
+:class:`ArrayClassifier` is what every serving back end shares: bytes or files ->
 :func:`florist.preprocess.image_arrays` -> a batched ``probabilities`` call -> ranked
-:class:`~florist.prediction.Prediction` objects. The PyTorch back end
-(:class:`florist.export.TorchGraphClassifier`) runs the same graph with torch.
+:class:`~florist.prediction.Prediction` objects. A run folder is served by
+:class:`florist.export.GraphClassifier`, the same graph on one of florist's engines.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ArrayClassifier:
     Subclasses set :attr:`classes` and :attr:`inputs` and implement :meth:`probabilities`.
 
     Attributes:
-        backend: ``"onnx"`` or ``"pytorch"``, reported by the server.
+        backend: ``"onnx"``, ``"openvino"``, ``"pytorch"`` or ``"onnxruntime"``, reported by the server.
         max_pixels: images whose header claims more pixels are refused before decoding.
     """
 
