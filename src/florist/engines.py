@@ -172,11 +172,19 @@ def openvino_model(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
     cached = _read_ir(path, module, example)
     if cached is not None:
         return cached
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
-        model = ov.convert_model(module, example_input=tuple(example), input=shapes)
+    model = convert_openvino(module, example)
     _write_ir(model, path)
     return model
+
+
+def convert_openvino(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
+    """Trace ``module`` into an ``openvino.Model`` whose inputs have a dynamic batch axis."""
+    import openvino as ov
+
+    shapes = [[-1, *x.shape[1:]] for x in example]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
+        return ov.convert_model(module, example_input=tuple(example), input=shapes)
 
 
 def _read_ir(path: Path, module: nn.Module, example: Sequence[torch.Tensor]) -> Any | None:
@@ -234,7 +242,6 @@ def compile_frozen(
     engine: str,
     *,
     bf16: bool = False,
-    device: torch.device | None = None,
 ) -> FrozenNet:
     """``module`` (in eval mode, weights frozen) ready to run on ``engine``.
 
@@ -242,11 +249,12 @@ def compile_frozen(
         example: one input tensor per argument of ``module.forward``; their batch size is free.
         engine: ``torch``, ``openvino`` or ``onnxruntime`` (see :func:`resolve_engine`).
         bf16: compute in bfloat16 (torch autocast, OpenVINO's precision hint).
-        device: torch's device (default: where ``module``'s parameters are).
+
+    The torch engine computes where ``module``'s tensors are; the others on the CPU.
     """
     if engine == "torch":
         first = next(itertools.chain(module.parameters(), module.buffers()), None)
-        return _TorchNet(module, bf16, device or (first.device if first is not None else torch.device("cpu")))
+        return _TorchNet(module, bf16, first.device if first is not None else torch.device("cpu"))
     example = [x.detach().cpu().float() for x in example]
     if engine == "openvino":
         return _OpenVINONet(module, example, bf16)

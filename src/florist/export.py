@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .data import BadImage, Item, read_file, read_manifest
-from .engines import compile_frozen, supports_bf16, trace_onnx
+from .engines import compile_frozen, convert_openvino, supports_bf16, trace_onnx
 from .errors import FloristError, SettingError, literal
 from .files import atomic_write_bytes
 from .loader import load_run
@@ -438,11 +438,7 @@ def _openvino_files(
     """
     import openvino as ov
 
-    example = batch.tensors(graph.inputs)
-    shapes = [[-1, *x.shape[1:]] for x in example]
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-level branches
-        model = ov.convert_model(graph, example_input=example, input=shapes)
+    model = convert_openvino(graph, batch.tensors(graph.inputs))
     for port, spec in zip(model.inputs, graph.inputs):
         port.get_tensor().set_names({spec.name})
     model.outputs[0].get_tensor().set_names({OUTPUT_NAME})

@@ -403,7 +403,8 @@ def _extract(
     ran = dict.fromkeys(views, 0)
     load = [v for v in views if missing[v]]
     if todo:
-        nets = {v: None if v.endswith(PIXELS) else frozen_pass(backbone, network) for v in load}
+        networked = [v for v in load if not v.endswith(PIXELS)]  # pixel views are their own output
+        net = frozen_pass(backbone, network) if networked else None
         workers = default_workers(len(todo)) if workers is None else workers
         loader = DataLoader(
             _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
@@ -428,7 +429,8 @@ def _extract(
                 if not good:
                     continue
                 ran[v] += len(good)
-                out = _forward(nets[v], backbone.data_config, view_pixels[good], forward_batch).astype(dtype)
+                view_net = net if v in networked else None
+                out = _forward(view_net, backbone.data_config, view_pixels[good], forward_batch).astype(dtype)
                 for j, values in zip(good, out):
                     outputs[v][rows[j]] = values
                     if caches[v] is not None:

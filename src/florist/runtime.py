@@ -147,7 +147,19 @@ def read_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], list[Mo
     return list(meta["classes"]), [ModelInput.from_dict(d) for d in meta["inputs"]], meta
 
 
-class OnnxClassifier(ArrayClassifier):
+class ExportedClassifier(ArrayClassifier):
+    """An exported file run by its own runtime: classes, inputs and views come from its metadata."""
+
+    metadata: dict[str, Any]
+    tta_views: list[str]
+
+    def take_metadata(self, meta: dict[str, Any], source: str) -> None:
+        """Take the classes, inputs and test-time views of :func:`read_metadata`'s ``meta``."""
+        self.classes, self.inputs, self.metadata = read_metadata(meta, source)
+        self.tta_views = list(self.metadata.get("tta_views", ["clean"]))
+
+
+class OnnxClassifier(ExportedClassifier):
     """An exported ``.onnx`` model run by ONNX Runtime on the CPU.
 
     Example:
@@ -182,8 +194,7 @@ class OnnxClassifier(ArrayClassifier):
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")
-        self.classes, self.inputs, self.metadata = read_metadata(json.loads(raw), str(self.path))
-        self.tta_views = list(self.metadata.get("tta_views", ["clean"]))
+        self.take_metadata(json.loads(raw), str(self.path))
 
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], batch)[0]
@@ -233,7 +244,7 @@ def compile_openvino(model: Any, bf16: bool, threads: int | None = None) -> Open
     return OpenVINORunner(openvino_core().compile_model(model, "CPU", config))
 
 
-class OpenVINOClassifier(ArrayClassifier):
+class OpenVINOClassifier(ExportedClassifier):
     """An exported OpenVINO model (``model.xml`` + ``model.bin``) run on the CPU; needs no torch.
 
     Args:
@@ -258,8 +269,7 @@ class OpenVINOClassifier(ArrayClassifier):
             raise FloristError(f"cannot load {self.path} as an OpenVINO model: {str(e).splitlines()[0][:200]}") from None
         if raw is None:
             raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")
-        self.classes, self.inputs, self.metadata = read_metadata(json.loads(raw), str(self.path))
-        self.tta_views = list(self.metadata.get("tta_views", ["clean"]))
+        self.take_metadata(json.loads(raw), str(self.path))
         self.run = compile_openvino(model, bf16, threads)
 
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
