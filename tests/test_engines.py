@@ -262,7 +262,10 @@ def test_openvino_export_bad_names_and_files(trained_run, tmp_path):
     broken = tmp_path / "broken.xml"
     broken.write_text("<net>")
     broken.with_suffix(".bin").write_bytes(b"")
-    with pytest.raises(FloristError, match="cannot load .* as an OpenVINO model"):
+    with pytest.raises(FloristError, match="cannot load .* as an OpenVINO model: not XML"):
+        florist.load(broken)
+    broken.write_text('<?xml version="1.0"?><html/>')
+    with pytest.raises(FloristError, match="its root element is <html>, not <net>"):
         florist.load(broken)
     with pytest.raises(FloristError, match="model files not found"):
         florist.load(tmp_path / "absent.xml")

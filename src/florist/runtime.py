@@ -244,6 +244,18 @@ def compile_openvino(model: Any, bf16: bool, threads: int | None = None) -> Open
     return OpenVINORunner(openvino_core().compile_model(model, "CPU", config))
 
 
+def _check_ir_xml(path: Path) -> None:
+    """Refuse a file that is not XML with a ``<net>`` root, the form of every OpenVINO IR model."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = next(ET.iterparse(str(path), events=("start",)))[1]
+    except (ET.ParseError, StopIteration, OSError) as e:
+        raise FloristError(f"cannot load {path} as an OpenVINO model: not XML ({e})") from None
+    if root.tag != "net":
+        raise FloristError(f"cannot load {path} as an OpenVINO model: its root element is <{root.tag}>, not <net>")
+
+
 class OpenVINOClassifier(ExportedClassifier):
     """An exported OpenVINO model (``model.xml`` + ``model.bin``) run on the CPU; needs no torch.
 
@@ -262,11 +274,13 @@ class OpenVINOClassifier(ExportedClassifier):
         self.path = Path(path)
         if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
             raise FloristError(f"model files not found: {self.path} and {self.path.with_suffix('.bin').name}")
+        _check_ir_xml(self.path)  # else OpenVINO tries every frontend, and TensorFlow's logs to stderr
         try:
             model = openvino_core().read_model(str(self.path))
             raw = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
         except Exception as e:  # OpenVINO raises its own exception types for bad files
-            raise FloristError(f"cannot load {self.path} as an OpenVINO model: {str(e).splitlines()[0][:200]}") from None
+            reason = next((line for line in str(e).splitlines() if line and not line.startswith("Exception from")), "")
+            raise FloristError(f"cannot load {self.path} as an OpenVINO model: {reason[:200]}") from None
         if raw is None:
             raise FloristError(f"{self.path} has no florist metadata: export it with `florist export`")
         self.take_metadata(json.loads(raw), str(self.path))
