@@ -245,12 +245,12 @@ def compile_openvino(model: Any, bf16: bool, threads: int | None = None) -> Open
 
 
 def _check_ir_xml(path: Path) -> None:
-    """Refuse a file that is not XML with a ``<net>`` root, the form of every OpenVINO IR model."""
+    """Refuse a file that is not whole XML with a ``<net>`` root, the form of every OpenVINO IR model."""
     import xml.etree.ElementTree as ET
 
     try:
-        root = next(ET.iterparse(str(path), events=("start",)))[1]
-    except (ET.ParseError, StopIteration, OSError) as e:
+        root = ET.parse(path).getroot()  # the whole file: a truncated one is refused too
+    except (ET.ParseError, OSError) as e:
         raise FloristError(f"cannot load {path} as an OpenVINO model: not XML ({e})") from None
     if root.tag != "net":
         raise FloristError(f"cannot load {path} as an OpenVINO model: its root element is <{root.tag}>, not <net>")
