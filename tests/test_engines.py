@@ -115,7 +115,7 @@ def test_a_compiled_network_follows_its_weights(tiny):
     backbone.engine = "openvino"
     first = frozen_pass(backbone)
     assert frozen_pass(backbone) is first, "compiled once per network"
-    x = torch.rand(2, *backbone.data_config["input_size"])
+    x = torch.randint(0, 256, (2, *backbone.data_config["input_size"]), dtype=torch.uint8)  # it takes pixels
     before = first(x)
     with torch.no_grad():
         next(backbone.model.parameters()).mul_(1.5)  # as loading tuned weights or a training step does
@@ -123,7 +123,8 @@ def test_a_compiled_network_follows_its_weights(tiny):
     assert again is not first
     assert not np.allclose(again(x), before, atol=1e-4)
     with torch.inference_mode():
-        np.testing.assert_allclose(again(x), backbone.model(x).numpy(), rtol=1e-4, atol=1e-5)
+        expected = backbone.model(normalize_pixels(x, backbone.data_config)).numpy()
+    np.testing.assert_allclose(again(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_cache_key_names_the_engine_except_for_pixels(tiny):

@@ -93,3 +93,20 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text("{}")
     remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "model.json"]
+
+
+def test_run_files_are_flushed_to_disk_but_cache_entries_are_not(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from florist.features import FeatureCache
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    atomic_write_json(tmp_path / "metrics.json", {"top1": 0.5})
+    assert len(synced) == 1, "a run's file must reach the disk before it replaces the old one"
+    cache = FeatureCache(tmp_path / "cache", "key")
+    values = np.arange(8, dtype=np.float32)
+    cache.put("ab" * 32, values)
+    assert len(synced) == 1, "a cache entry is checked on every read, so it is not flushed one by one"
+    np.testing.assert_array_equal(cache.get("ab" * 32), values)

@@ -166,7 +166,7 @@ def openvino_model(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
 
     from .backbones import state_id
 
-    shapes = [[-1, *x.shape[1:]] for x in example]
+    shapes = [[-1, *x.shape[1:], str(x.dtype)] for x in example]
     payload = [ov.__version__, type(module).__name__, repr(module), shapes, state_id(module.state_dict())]
     path = default_cache_dir() / "openvino" / f"{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]}.xml"
     cached = _read_ir(path, module, example)
@@ -255,7 +255,7 @@ def compile_frozen(
     if engine == "torch":
         first = next(itertools.chain(module.parameters(), module.buffers()), None)
         return _TorchNet(module, bf16, first.device if first is not None else torch.device("cpu"))
-    example = [x.detach().cpu().float() for x in example]
+    example = [x.detach().cpu() for x in example]
     if engine == "openvino":
         return _OpenVINONet(module, example, bf16)
     if engine == "onnxruntime":

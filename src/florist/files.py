@@ -27,11 +27,13 @@ LOCK_NAME = ".florist.lock"
 
 
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_open(path: str | Path, *, sync: bool = True) -> Iterator[BinaryIO]:
     """A binary file to stream into; it replaces ``path`` only when the block ends without error.
 
     For files too large to build in memory first (TFRecord shards); small files use
-    :func:`atomic_write_bytes`.
+    :func:`atomic_write_bytes`. ``sync=False`` skips flushing to disk before the
+    rename: after a power cut the file may then be whole, absent or damaged (never
+    a mix of old and new), which suits files checked on every read (cache entries).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,16 +42,17 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
-    with atomic_open(path) as f:
+def atomic_write_bytes(path: str | Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one (``sync``: see :func:`atomic_open`)."""
+    with atomic_open(path, sync=sync) as f:
         f.write(data)
 
 
