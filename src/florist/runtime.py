@@ -211,7 +211,7 @@ class OpenVINORunner:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer([np.ascontiguousarray(a, dtype=np.float32) for a in arrays])
+        result = request.infer([np.ascontiguousarray(a) for a in arrays])  # in the model's input types
         return np.array(result[0], dtype=np.float32)  # a copy: the request reuses its output buffer
 
 
