@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
@@ -29,6 +30,7 @@ from florist.tfrecord import (
     read_tfrecords,
     record_offsets,
     record_ref,
+    scan_record_data,
     write_record,
 )
 
@@ -217,21 +219,34 @@ def test_corrupt_data_names_the_file_and_the_record_offset(three_records: Path) 
     three_records.write_bytes(bytes(raw))
     with pytest.raises(FloristError, match=rf"all\.tfrecord: corrupt record at byte {second} \(data checksum"):
         list(read_tfrecords(three_records))
-    with pytest.raises(FloristError, match=f"byte {second}"):
-        prepare_records(three_records)
+    ds = scan_record_data(three_records, ["red", "blue"])  # preparing data: that record is a reported skip
+    assert [(s.path, s.reason) for s in ds.skipped] == [
+        (record_ref(three_records, second), f"corrupt record at byte {second} (data checksum mismatch)")
+    ]
+    assert [it.path for it in ds.items] == [record_ref(three_records, o) for o in record_offsets(three_records)[::2]]
     with pytest.raises(BadImage, match=f"byte {second}"):  # during feature extraction: that image is skipped
         read_image_bytes(record_ref(three_records, second))
 
 
 def test_corrupt_length_and_truncation_are_reported(three_records: Path) -> None:
     raw = three_records.read_bytes()
-    _, second, third = record_offsets(three_records)
+    first, second, third = record_offsets(three_records)
     three_records.write_bytes(raw[:second] + bytes([raw[second] ^ 0x40]) + raw[second + 1 :])
     with pytest.raises(FloristError, match=f"corrupt record at byte {second} \\(length checksum"):
         record_offsets(three_records)
+    ds = scan_record_data(three_records, ["red", "blue"])
+    assert [it.path for it in ds.items] == [record_ref(three_records, first)]
+    assert [(s.path, s.reason) for s in ds.skipped] == [
+        (record_ref(three_records, second), f"corrupt record at byte {second} (length checksum mismatch); nothing after it can be read")
+    ]
     three_records.write_bytes(raw[:-3])
     with pytest.raises(FloristError, match=f"truncated record at byte {third} \\(file ends at byte {len(raw) - 3}"):
         list(read_tfrecords(three_records))
+    ds = scan_record_data(three_records, ["red", "blue"])
+    assert len(ds.items) == 2
+    assert [s.reason for s in ds.skipped] == [
+        f"truncated record at byte {third} (file ends at byte {len(raw) - 3}); nothing after it can be read"
+    ]
 
 
 def test_a_file_that_is_not_a_tfrecord_says_so(tmp_path: Path) -> None:
@@ -240,31 +255,37 @@ def test_a_file_that_is_not_a_tfrecord_says_so(tmp_path: Path) -> None:
         prepare_records(jpeg)
 
 
-def test_labels_must_agree_with_labels_txt(three_records: Path) -> None:
+def test_records_that_disagree_with_labels_txt_are_skipped(three_records: Path) -> None:
     image = im.encode(Image.new("RGB", (8, 8)), "PNG")
     folder = three_records.parent
-    write_records(three_records, [image_example(image, 0, "red"), image_example(image, 2, filename="z.png")])
-    with pytest.raises(FloristError, match=r"all\.tfrecord: record at byte \d+ has label 2; labels.txt lists 2"):
-        prepare_records(folder)
-    write_records(three_records, [image_example(image, 1, "red")])
-    with pytest.raises(FloristError, match="record at byte 0 has label 1 \\('blue' in labels.txt\\) but .* 'red'"):
-        prepare_records(folder)
+    write_records(
+        three_records,
+        [image_example(image, 0, "red"), image_example(image, 2, filename="z.png"), image_example(image, 1, "red")],
+    )
+    _, unknown, mismatch = record_offsets(three_records)
+    ds = scan_record_data(folder, ["red", "blue"])
+    assert len(ds.items) == 1
+    assert [(s.path, s.reason) for s in ds.skipped] == [
+        (record_ref(three_records, unknown), "label 2 is not in labels.txt, which lists 2 classes (0-based)"),
+        (record_ref(three_records, mismatch), "label 1 is 'blue' in labels.txt but image/class/text is 'red'"),
+    ]
     (folder / "labels.txt").unlink()
     with pytest.raises(FloristError, match="no labels.txt next to the TFRecord files"):
         prepare_records(folder)
 
 
-def test_a_record_without_an_image_is_an_error_and_a_bad_image_is_skipped(three_records: Path) -> None:
-    write_records(three_records, [example_bytes({"image/class/label": int64_feature(0)})])
-    with pytest.raises(FloristError, match="record at byte 0 has no single bytes feature 'image/encoded'"):
-        prepare_records(three_records)
+def test_a_record_without_an_image_or_with_a_bad_one_is_skipped(three_records: Path) -> None:
     good = [image_example(im.encode(Image.new("RGB", (8, 8), c), "PNG"), i % 2) for i, c in enumerate(["red", "green", "blue", "black"])]
-    write_records(three_records, [image_example(b"not an image", 0), *good])
+    write_records(three_records, [image_example(b"not an image", 0), example_bytes({"image/class/label": int64_feature(0)}), *good])
+    first, second = record_offsets(three_records)[:2]
     prepared = prepare_records(three_records, eval_fraction=0.5)
     assert [(s.path, s.reason) for s in prepared.skipped] == [
-        (record_ref(three_records, 0), "not an image (unrecognised content)")
+        (record_ref(three_records, first), "not an image (unrecognised content)"),
+        (record_ref(three_records, second), "no single bytes feature 'image/encoded'"),
     ]
     assert len(prepared.train) == 2 and len(prepared.eval) == 2
+    with pytest.raises(FloristError, match=f"record at byte {second}: no single bytes feature 'image/encoded'"):
+        list(read_tfrecords(three_records))
 
 
 def test_split_needs_train_and_eval_names_or_none(tmp_path: Path, photos: Path) -> None:
@@ -313,6 +334,91 @@ def test_training_on_records_matches_the_folder_route(
     assert florist.evaluate(run)["top1"] == 1.0  # eval.csv names records; evaluate reads them back
 
 
+# ---------------------------------------------------------------------------
+# The original TensorFlow project's layout: raw pixels, <name> <index> labels
+# ---------------------------------------------------------------------------
+
+
+def raw_example(image: Image.Image, label: int) -> bytes:
+    """A record as the original project's ``pre_input.py`` wrote it: raw RGB bytes, height, width, label."""
+    rgb = image.convert("RGB")
+    return example_bytes(
+        {
+            "image": bytes_feature(rgb.tobytes()),  # row-major H x W x 3, no encoding
+            "image/height": int64_feature(rgb.height),
+            "image/width": int64_feature(rgb.width),
+            "label": int64_feature(label),
+        }
+    )
+
+
+def write_original_layout(photos: Path, out: Path, eval_fraction: float = 0.25) -> Path:
+    """florist's split of ``photos`` as ``training_set.tfrecord``, ``eval_set.tfrecord`` and ``labels.txt``."""
+    prepared = prepare(photos, eval_fraction=eval_fraction)
+    out.mkdir(parents=True)
+    # "<class name> <index> " lines, not in index order, so the indices must be read, not the line numbers
+    order = sorted(range(len(prepared.classes)), reverse=True)
+    (out / "labels.txt").write_text("".join(f"{prepared.classes[i]} {i} \n" for i in order))
+    for name, items in (("training_set", prepared.train), ("eval_set", prepared.eval)):
+        write_records(out / f"{name}.tfrecord", [raw_example(Image.open(it.path), it.label) for it in items])
+    return out
+
+
+def test_the_original_projects_records_train_and_evaluate_like_the_photos(
+    photos: Path, trained_run: Path, tmp_path: Path, tiny: dict[str, str]
+) -> None:
+    records, run = write_original_layout(photos, tmp_path / "original"), tmp_path / "run"
+    prepared = prepare_records(records)
+    assert prepared.classes == ["blue", "green", "red"] and not prepared.skipped
+    assert (len(prepared.train), len(prepared.eval)) == (18, 6)
+    first = next(read_tfrecords(records / "eval_set.tfrecord"))
+    assert first.format == "raw" and Image.open(io.BytesIO(first.image)).size == (first.width, first.height)
+    florist.train(records, run, epochs=10, mode="head", **tiny)  # as trained_run, from the JPEGs
+    metrics = json.loads((run / "metrics.json").read_text())
+    folder_metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_eval"]) == (folder_metrics["n_train"], folder_metrics["n_eval"])
+    assert abs(metrics["top1"] - folder_metrics["top1"]) <= 0.005
+    assert florist.evaluate(run)["top1"] == metrics["top1"]
+    on_records = florist.evaluate(trained_run, records)  # a JPEG-trained model on the records' eval_set
+    assert on_records["n"] == 6 and abs(on_records["top1"] - folder_metrics["top1"]) <= 0.005
+
+
+def test_bad_raw_records_are_reported_skips(photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:
+    records = write_original_layout(photos, tmp_path / "original")
+    train_file = records / "training_set.tfrecord"
+    good = Image.open(next((photos / "red").iterdir()))
+    rgb = good.convert("RGB")
+    short = example_bytes(
+        {
+            "image": bytes_feature(rgb.tobytes()[:-1]),
+            "image/height": int64_feature(rgb.height),
+            "image/width": int64_feature(rgb.width),
+            "label": int64_feature(2),
+        }
+    )
+    raw = train_file.read_bytes()
+    wrong_size, unknown = len(raw), len(raw) + len(framed(short))
+    train_file.write_bytes(raw + framed(short) + framed(raw_example(good, 7)) + framed(raw_example(good, 2))[:-5])
+    truncated = unknown + len(framed(raw_example(good, 7)))
+    prepared = prepare_records(records)
+    assert [(s.path, s.reason) for s in prepared.skipped] == [
+        (
+            record_ref(train_file, truncated),
+            f"truncated record at byte {truncated} (file ends at byte {train_file.stat().st_size}); "
+            "nothing after it can be read",
+        ),
+        (
+            record_ref(train_file, wrong_size),
+            f"raw pixels of {rgb.width * rgb.height * 3 - 1} bytes do not fill image/height x image/width x 3 = "
+            f"{rgb.height} x {rgb.width} x 3 = {rgb.width * rgb.height * 3} bytes",
+        ),
+        (record_ref(train_file, unknown), "label 7 is not in labels.txt, which lists 3 classes (0-based)"),
+    ]
+    assert (len(prepared.train), len(prepared.eval)) == (18, 6)
+    florist.train(records, tmp_path / "run", epochs=2, mode="head", **tiny)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n_skipped"] == 3
+
+
 def test_cli_prepare_tfrecord(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "records"
     result = runner.invoke(app, ["prepare", str(photos), "--out", str(out), "--format", "tfrecord", "--shards", "2"])
@@ -328,18 +434,16 @@ def test_cli_prepare_tfrecord(photos: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_cli_train_on_a_corrupt_record_is_one_line(
-    three_records: Path, tmp_path: Path, tiny_cli: list[str]
-) -> None:
-    raw = bytearray(three_records.read_bytes())
-    raw[-1] ^= 0xFF
-    three_records.write_bytes(bytes(raw))
-    out = str(tmp_path / "run")
-    result = runner.invoke(app, ["train", str(three_records.parent), "--out", out, "--quiet", *tiny_cli])
+def test_cli_train_on_a_file_that_is_not_a_tfrecord_is_one_line(tmp_path: Path, tiny_cli: list[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.txt").write_text("red\nblue\n")
+    im.make_image(tmp_path / "photo.jpg").rename(data / "all.tfrecord")
+    result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), "--quiet", *tiny_cli])
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
-    last = record_offsets(three_records)[-1]
-    assert f"all.tfrecord: corrupt record at byte {last} (data checksum mismatch)" in result.output
+    assert "all.tfrecord: truncated record at byte 0" in result.output or "all.tfrecord: corrupt record at byte 0" in result.output
+    assert "is it a TFRecord file?" in result.output
 
 
 def test_image_record_encodes_the_standard_feature_names() -> None:

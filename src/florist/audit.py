@@ -62,6 +62,7 @@ _EXTENSIONS = {
     "BMP": {".bmp", ".dib"},
     "GIF": {".gif"},
     "WEBP": {".webp"},
+    "PPM": {".ppm", ".pnm"},
 }
 
 

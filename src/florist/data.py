@@ -40,8 +40,9 @@ from .runfiles import EVAL_CSV, LABELS, SKIPPED_CSV, TRAIN_CSV
 T = TypeVar("T")
 
 #: Formats accepted, by what the file's content says (not its extension). MPO is
-#: the multi-picture JPEG many cameras write.
-IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
+#: the multi-picture JPEG many cameras write; binary PPM (raw RGB behind a short
+#: header) is how florist hands on the pixels of raw-pixel TFRecords.
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "PPM"})
 
 #: Default pixel limit (width * height) per image: about 89 megapixels, the same
 #: threshold Pillow warns at. Larger images are refused before they are decoded,

@@ -19,6 +19,7 @@ from .data import scan
 from .errors import FloristError
 from .progress import ProgressFn
 from .runfiles import EVAL_CSV, MODEL_JSON, MODEL_WEIGHTS
+from .tfrecord import is_record_data, scan_record_data
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
@@ -84,12 +85,14 @@ def evaluate(
     engine: str | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a trained run on a folder of class folders (default: the run's own eval split).
+    """Evaluate a trained run on a folder of class folders or TFRecord data (default: the run's own eval split).
 
     ``engine`` overrides the one the run computes its features with (see :mod:`florist.engines`).
 
     Every valid image whose class folder is one of the model's classes is used;
-    a class folder the model does not know is an error that names it. Both folders
+    a class folder the model does not know is an error that names it. TFRecord
+    data gives its ``eval*`` files, or every record (see
+    :func:`florist.tfrecord.scan_record_data`). Both folders
     may be URLs (see :mod:`florist.remote`); the run's eval split may name remote
     images (a run trained on remote data), which are then fetched.
 
@@ -108,7 +111,10 @@ def evaluate(
             skipped: list[tuple[str, str]] = []
     if data_dir is not None:
         with remote.local_input(data_dir) as data:
-            ds = scan(data.path, classes=model.classes)
+            if is_record_data(data.path):
+                ds = scan_record_data(data.path, model.classes)
+            else:
+                ds = scan(data.path, classes=model.classes)
         paths = [it.path for it in ds.items]
         items = [replace(it, path=data.to_url(it.path)) for it in ds.items]  # named as given
         skipped = [(data.to_url(s.path), s.reason) for s in ds.skipped]

@@ -35,8 +35,8 @@ import io
 import os
 import random
 import struct
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,6 +81,19 @@ FeatureValue = bytes | str | int | float | Sequence[bytes | str | int | float]
 # ---------------------------------------------------------------------------
 
 
+class RecordError(FloristError):
+    """A record that cannot be read: a truncated file or a checksum mismatch.
+
+    ``reason`` is the message without the file name (``"corrupt record at byte 24
+    (data checksum mismatch)"``), for lists that name the record already;
+    ``offset`` is where the record starts.
+    """
+
+    def __init__(self, path: Path, offset: int, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.offset, self.reason = offset, reason
+
+
 def masked_crc32c(data: bytes) -> int:
     """TensorFlow's masked CRC-32C: rotate right by 15 bits and add a constant.
 
@@ -102,14 +115,14 @@ def _read_header(f: BinaryIO, path: Path, offset: int, size: int) -> int | None:
     if not header:
         return None
     hint = "; is it a TFRecord file?" if offset == 0 else ""
-    truncated = f"{path}: truncated record at byte {offset} (file ends at byte {size}){hint}"
+    truncated = f"truncated record at byte {offset} (file ends at byte {size}){hint}"
     if len(header) < _HEADER.size:
-        raise FloristError(truncated)
+        raise RecordError(path, offset, truncated)
     length, length_crc = _HEADER.unpack(header)
     if masked_crc32c(header[:8]) != length_crc:
-        raise FloristError(f"{path}: corrupt record at byte {offset} (length checksum mismatch){hint}")
+        raise RecordError(path, offset, f"corrupt record at byte {offset} (length checksum mismatch){hint}")
     if offset + _HEADER.size + length + _FOOTER.size > size:
-        raise FloristError(truncated)
+        raise RecordError(path, offset, truncated)
     return length
 
 
@@ -117,7 +130,7 @@ def _read_data(f: BinaryIO, path: Path, offset: int, length: int) -> bytes:
     data = f.read(length)
     (data_crc,) = _FOOTER.unpack(f.read(_FOOTER.size))
     if masked_crc32c(data) != data_crc:
-        raise FloristError(f"{path}: corrupt record at byte {offset} (data checksum mismatch)")
+        raise RecordError(path, offset, f"corrupt record at byte {offset} (data checksum mismatch)")
     return data
 
 
@@ -144,17 +157,36 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, bytes]]:
 
 
 def record_offsets(path: str | Path) -> list[int]:
-    """Byte offset of every record, reading only the (checked) headers; data is verified on read."""
+    """Byte offset of every record, reading only the (checked) headers; data is verified on read.
+
+    Raises:
+        RecordError: a truncated file or a damaged header (see :func:`scan_records`).
+    """
+    offsets, problem = scan_records(path)
+    if problem is not None:
+        raise problem
+    return offsets
+
+
+def scan_records(path: str | Path) -> tuple[list[int], RecordError | None]:
+    """The offsets of the whole records a file starts with, and what ended it early (None: nothing).
+
+    After a truncated record or a damaged length nothing further can be framed, so
+    the records before it are all a damaged file still offers.
+    """
     path = Path(path)
     f, size = _open(path)
-    offsets = []
+    offsets: list[int] = []
     with f:
         offset = 0
-        while (length := _read_header(f, path, offset, size)) is not None:
-            offsets.append(offset)
-            offset += _HEADER.size + length + _FOOTER.size
-            f.seek(offset)
-    return offsets
+        try:
+            while (length := _read_header(f, path, offset, size)) is not None:
+                offsets.append(offset)
+                offset += _HEADER.size + length + _FOOTER.size
+                f.seek(offset)
+        except RecordError as e:
+            return offsets, e
+    return offsets, None
 
 
 def read_record(path: str | Path, offset: int) -> bytes:
@@ -278,13 +310,13 @@ def decode_example(data: bytes) -> dict[str, list]:
 class ImageRecord:
     """One labelled image as stored in a record."""
 
-    image: bytes  # the original file's bytes
+    image: bytes  # the image file's bytes: the original file's, or a binary PPM for raw pixels
     label: int  # 0-based index into labels.txt
     text: str  # class name
     filename: str  # path relative to the photo folder ("roses/123.jpg")
     height: int
     width: int
-    format: str  # "jpeg", "png", ...
+    format: str  # "jpeg", "png", ..., "raw" for a record of raw pixels
 
     def to_example(self) -> bytes:
         return encode_example(
@@ -300,23 +332,34 @@ class ImageRecord:
         )
 
 
-def _parse_image_record(data: bytes, where: str) -> ImageRecord:
-    """An :class:`ImageRecord` from an Example; ``where`` ("FILE: record at byte N") starts errors."""
+#: The original TensorFlow project's schema (its ``pre_input.py``): raw uint8 RGB pixels,
+#: row-major ``height x width x 3``, with no encoding, and a 0-based ``label``.
+RAW_PIXELS = "image"
+
+
+def _parse_image_record(data: bytes) -> ImageRecord:
+    """An :class:`ImageRecord` from an Example in florist's (TensorFlow's) schema or the raw-pixel one.
+
+    Raises:
+        BadImage: not an Example, or not one of an image (the reason, without the record's name).
+    """
     from google.protobuf.message import DecodeError
 
     try:
         features = decode_example(data)
     except DecodeError as e:
-        raise FloristError(f"{where} is not a tf.train.Example ({e})") from None
+        raise BadImage(f"not a tf.train.Example ({e})") from None
 
     def one(key: str, kind: type, default=None):
         values = features.get(key, [])
         if not values and default is not None:
             return default
         if len(values) != 1 or not isinstance(values[0], kind):
-            raise FloristError(f"{where} has no single {kind.__name__} feature {key!r}")
+            raise BadImage(f"no single {kind.__name__} feature {key!r}")
         return values[0]
 
+    if "image/encoded" not in features and RAW_PIXELS in features:
+        return _raw_pixel_record(one(RAW_PIXELS, bytes), one("image/height", int), one("image/width", int), one("label", int))
     text = one("image/class/text", bytes, b"")
     filename = one("image/filename", bytes, b"")
     return ImageRecord(
@@ -328,6 +371,20 @@ def _parse_image_record(data: bytes, where: str) -> ImageRecord:
         width=one("image/width", int, 0),
         format=one("image/format", bytes, b"").decode("ascii", errors="replace"),
     )
+
+
+def _raw_pixel_record(pixels: bytes, height: int, width: int, label: int) -> ImageRecord:
+    """A raw-pixel record's image as a binary PPM (a header, then the same bytes), so it decodes like any file.
+
+    PPM is lossless and needs no encoding step, so the pixels and their hash are the record's own.
+    """
+    if height <= 0 or width <= 0 or len(pixels) != height * width * 3:
+        raise BadImage(
+            f"raw pixels of {len(pixels)} bytes do not fill image/height x image/width x 3 = "
+            f"{height} x {width} x 3 = {max(height, 0) * max(width, 0) * 3} bytes"
+        )
+    ppm = b"P6\n%d %d\n255\n" % (width, height) + pixels
+    return ImageRecord(ppm, label, "", "", height, width, "raw")
 
 
 def _record_files(path: str | Path) -> list[Path]:
@@ -354,7 +411,10 @@ def read_tfrecords(path: str | Path) -> Iterator[ImageRecord]:
     """
     for file in _record_files(path):
         for offset, data in iter_records(file):
-            yield _parse_image_record(data, f"{file}: record at byte {offset}")
+            try:
+                yield _parse_image_record(data)
+            except BadImage as e:
+                raise FloristError(f"{file}: record at byte {offset}: {e}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -505,8 +565,7 @@ def read_image_bytes(source: str | Path) -> bytes:
         return read_file(source)
     path, offset = ref
     try:
-        data = read_record(path, offset)
-        return _parse_image_record(data, f"{path}: record at byte {offset}").image
+        return _parse_image_record(read_record(path, offset)).image
     except FloristError as e:
         raise BadImage(str(e)) from None
 
@@ -533,18 +592,55 @@ def _splits_of(path: Path) -> dict[str | None, list[Path]]:
 
 
 def _check_record(ref: str, classes: Sequence[str], max_pixels: int) -> tuple[int, str, str]:
-    """Read, verify and decode one record: ``(label, filename, sha256)`` or :class:`BadImage`."""
+    """Read, verify and decode one record: ``(label, filename, sha256)``; any problem is a :class:`BadImage`."""
     path, offset = parse_ref(ref)  # type: ignore[misc]  # refs made by prepare_records
-    where = f"{path}: record at byte {offset}"
-    record = _parse_image_record(read_record(path, offset), where)
+    try:
+        record = _parse_image_record(read_record(path, offset))
+    except RecordError as e:
+        raise BadImage(e.reason) from None
     if not 0 <= record.label < len(classes):
-        raise FloristError(f"{where} has label {record.label}; labels.txt lists {len(classes)} classes (0-based)")
+        raise BadImage(f"label {record.label} is not in labels.txt, which lists {len(classes)} classes (0-based)")
     if record.text and record.text != classes[record.label]:
-        raise FloristError(
-            f"{where} has label {record.label} ({classes[record.label]!r} in labels.txt) "
-            f"but image/class/text {record.text!r}"
+        raise BadImage(
+            f"label {record.label} is {classes[record.label]!r} in labels.txt but image/class/text is {record.text!r}"
         )
     return record.label, record.filename or ref, check_bytes(record.image, max_pixels)
+
+
+def record_classes(folder: Path) -> list[str]:
+    """Class names in label order from the ``labels.txt`` beside records.
+
+    Two forms are read: florist's (and TensorFlow's) one name per line, the line
+    number being the label; and the original project's ``<name> <index> `` lines,
+    recognised when every line ends in a number and the numbers are 0..N-1.
+    """
+    if not (folder / LABELS).is_file():
+        raise FloristError(f"no labels.txt next to the TFRecord files in {folder} (one class name per line)")
+    lines = read_labels(folder)
+    split = [line.rstrip().rpartition(" ") for line in lines]
+    indices = [index for _, sep, index in split if sep and index.isdigit()]
+    if len(indices) == len(lines) and sorted(map(int, indices)) == list(range(len(lines))):
+        names = {int(index): name.rstrip() for name, _, index in split}
+        return [names[i] for i in range(len(lines))]
+    return lines
+
+
+def _file_records(files: Sequence[Path]) -> tuple[list[str], list[Skipped]]:
+    """Refs of every whole record in ``files``, and a skip for each file's unreadable tail.
+
+    Raises:
+        FloristError: a file whose first record cannot be framed (not a TFRecord file).
+    """
+    refs: list[str] = []
+    skipped: list[Skipped] = []
+    for file in files:
+        offsets, problem = scan_records(file)
+        if problem is not None and not offsets:
+            raise problem
+        refs += [record_ref(file, o) for o in offsets]
+        if problem is not None:
+            skipped.append(Skipped(record_ref(file, problem.offset), f"{problem.reason}; nothing after it can be read"))
+    return refs, skipped
 
 
 def prepare_records(
@@ -560,41 +656,91 @@ def prepare_records(
     """What :func:`florist.data.prepare` gives for a photo folder, for TFRecord data.
 
     ``path`` is a TFRecord file or a folder of ``*.tfrecord`` files, with
-    ``labels.txt`` beside them. When the folder has ``train*`` and ``eval*`` files
-    (as ``prepare --format tfrecord`` writes) that is the split; otherwise all
-    records are split like photos, by ``eval_fraction``/``train_per_class`` and
-    ``seed``. Every record is checked and its image decoded once; an unusable
-    image is listed in ``skipped`` under its :func:`record_ref`. Items are ordered
-    by label and ``image/filename``, as a photo folder's are by path, so the same
-    photos give the same model either way.
+    ``labels.txt`` beside them (see :func:`record_classes`). Records in florist's
+    schema (``image/encoded``, as ``prepare --format tfrecord`` writes and
+    TensorFlow's image pipelines use) and in the original project's raw-pixel
+    schema (:data:`RAW_PIXELS`) are read. When the folder has ``train*`` and
+    ``eval*`` files (florist's ``train.tfrecord``, the original project's
+    ``training_set.tfrecord`` / ``eval_set.tfrecord``) that is the split; otherwise
+    all records are split like photos, by ``eval_fraction``/``train_per_class``
+    and ``seed``. Every record is checked and its image decoded once. A record
+    that cannot be used (damaged, truncated, not an image, a label labels.txt does
+    not list) is listed in ``skipped`` under its :func:`record_ref`, as an
+    unusable photo is. Items are ordered by label and ``image/filename``, as a
+    photo folder's are by path, so the same photos give the same model either way.
 
     Raises:
-        FloristError: no records, no ``labels.txt``, corrupt records, labels that
-            do not match ``labels.txt``.
+        FloristError: no records, no ``labels.txt``, a file that is not a TFRecord file.
     """
     path = Path(path)
-    by_split = _splits_of(path)
-    refs = {s: [record_ref(f, o) for f in files for o in record_offsets(f)] for s, files in by_split.items()}
-    folder = path if path.is_dir() else path.parent
-    if not (folder / LABELS).is_file():
-        raise FloristError(f"no labels.txt next to the TFRecord files in {folder} (one class name per line)")
-    classes = read_labels(folder)
-    every = [r for split_refs in refs.values() for r in split_refs]
-    results = check_all(lambda ref: _check_record(ref, classes, max_pixels), every, workers, progress)
-    checked = dict(zip(every, results))
-    skipped = [Skipped(ref, str(r)) for ref, r in checked.items() if isinstance(r, BadImage)]
-    names = {ref: r[1] for ref, r in checked.items() if not isinstance(r, BadImage)}
-
-    def items(split: str | None) -> list[Item]:
-        return [Item(ref, checked[ref][0], checked[ref][2]) for ref in refs[split] if ref in names]
-
-    if None in by_split:
-        ds = Dataset(classes, items(None), skipped)
+    refs, skipped = _framed(_splits_of(path))
+    classes = record_classes(path if path.is_dir() else path.parent)
+    checked, bad, order = _checked(refs, classes, max_pixels, workers, progress)
+    skipped += bad
+    if None in refs:
+        ds = Dataset(classes, checked[None], skipped)
         prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
     else:
-        prepared = Prepared(classes, items("train"), items("eval"), skipped)
+        prepared = Prepared(classes, checked["train"], checked["eval"], skipped)
         if train_per_class is not None:
             prepared.warnings.append(f"--train-per-class ignored: the split comes from the record files in {path}")
     for part in (prepared.train, prepared.eval):
-        part.sort(key=lambda it: (it.label, names[it.path], it.path))
+        part.sort(key=order)
     return prepared
+
+
+def scan_record_data(
+    path: str | Path, classes: Sequence[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+) -> Dataset:
+    """Records to evaluate a model on, labelled in the model's ``classes``: what :func:`florist.data.scan` is for photos.
+
+    A folder split by file names gives its ``eval*`` files; otherwise every record is used.
+
+    Raises:
+        FloristError: as :func:`prepare_records`, and a class in ``labels.txt`` the model does not know.
+    """
+    path = Path(path)
+    by_split = _splits_of(path)
+    split = "eval" if "eval" in by_split else None
+    refs, skipped = _framed({split: by_split[split]})
+    own = record_classes(path if path.is_dir() else path.parent)
+    unknown = [c for c in own if c not in classes]
+    if unknown:
+        raise FloristError(
+            f"classes in {path}'s labels.txt not known to the model: {', '.join(map(repr, unknown))}; "
+            f"known classes: {', '.join(map(repr, classes))}"
+        )
+    checked, bad, order = _checked(refs, own, max_pixels, workers, None)
+    index = [list(classes).index(c) for c in own]
+    items = [replace(it, label=index[it.label]) for it in sorted(checked[split], key=order)]
+    return Dataset(list(classes), items, skipped + bad)
+
+
+def _framed(by_split: Mapping[str | None, Sequence[Path]]) -> tuple[dict[str | None, list[str]], list[Skipped]]:
+    """Refs of each split's whole records, and a skip for each file's unreadable tail (see :func:`_file_records`)."""
+    refs: dict[str | None, list[str]] = {}
+    skipped: list[Skipped] = []
+    for split, files in by_split.items():
+        refs[split], tails = _file_records(files)
+        skipped += tails
+    return refs, skipped
+
+
+def _checked(
+    refs: Mapping[str | None, Sequence[str]],
+    classes: Sequence[str],
+    max_pixels: int,
+    workers: int | None,
+    progress: ProgressFn | None,
+) -> tuple[dict[str | None, list[Item]], list[Skipped], Callable[[Item], tuple]]:
+    """The usable records of each split, the skipped ones (all checked in one pass), and their order.
+
+    The order (a sort key) is by label and ``image/filename``, as a photo folder's
+    is by path, so the same photos give the same model either way.
+    """
+    every = [ref for split_refs in refs.values() for ref in split_refs]
+    results = dict(zip(every, check_all(lambda ref: _check_record(ref, classes, max_pixels), every, workers, progress)))
+    skipped = [Skipped(ref, str(r)) for ref, r in results.items() if isinstance(r, BadImage)]
+    good = {ref: r for ref, r in results.items() if not isinstance(r, BadImage)}
+    checked = {split: [Item(ref, good[ref][0], good[ref][2]) for ref in rs if ref in good] for split, rs in refs.items()}
+    return checked, skipped, lambda it: (it.label, good[it.path][1], it.path)
