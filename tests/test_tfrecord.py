@@ -339,12 +339,15 @@ def test_training_on_records_matches_the_folder_route(
 # ---------------------------------------------------------------------------
 
 
-def raw_example(image: Image.Image, label: int) -> bytes:
-    """A record as the original project's ``pre_input.py`` wrote it: raw RGB bytes, height, width, label."""
+def raw_example(image: Image.Image, label: int, pixels: bytes | None = None) -> bytes:
+    """A record as the original project's ``pre_input.py`` wrote it: raw RGB bytes, height, width, label.
+
+    ``pixels`` replaces the image's bytes (a record whose size disagrees with its height and width).
+    """
     rgb = image.convert("RGB")
     return example_bytes(
         {
-            "image": bytes_feature(rgb.tobytes()),  # row-major H x W x 3, no encoding
+            "image": bytes_feature(rgb.tobytes() if pixels is None else pixels),  # row-major H x W x 3, no encoding
             "image/height": int64_feature(rgb.height),
             "image/width": int64_feature(rgb.width),
             "label": int64_feature(label),
@@ -388,14 +391,7 @@ def test_bad_raw_records_are_reported_skips(photos: Path, tmp_path: Path, tiny: 
     train_file = records / "training_set.tfrecord"
     good = Image.open(next((photos / "red").iterdir()))
     rgb = good.convert("RGB")
-    short = example_bytes(
-        {
-            "image": bytes_feature(rgb.tobytes()[:-1]),
-            "image/height": int64_feature(rgb.height),
-            "image/width": int64_feature(rgb.width),
-            "label": int64_feature(2),
-        }
-    )
+    short = raw_example(good, 2, pixels=rgb.tobytes()[:-1])
     raw = train_file.read_bytes()
     wrong_size, unknown = len(raw), len(raw) + len(framed(short))
     train_file.write_bytes(raw + framed(short) + framed(raw_example(good, 7)) + framed(raw_example(good, 2))[:-5])
