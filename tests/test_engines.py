@@ -298,3 +298,22 @@ def test_openvino_models_are_converted_once_per_machine_and_a_damaged_one_again(
     cached[0].write_text("<net")  # unreadable: converted again, never an error
     engines.compile_frozen(tiny_backbone.model, [x[:1]], "openvino")
     assert len(conversions) == 3
+
+
+def test_openvino_sends_no_usage_reports():
+    """Importing OpenVINO's converter and converting each fork a Google Analytics reporter, unless told otherwise.
+
+    Run in a fresh interpreter: this one imported OpenVINO long ago.
+    """
+    script = """
+import multiprocessing.process, torch
+started = []
+multiprocessing.process.BaseProcess.start = lambda self: started.append(self)
+from florist import engines
+module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+model = engines.convert_openvino(module, [torch.zeros(1, 3, 8, 8)])
+print(model.inputs[0].get_partial_shape().to_string(), len(started))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[?,3,8,8]", "0"]

@@ -39,7 +39,7 @@ from torch import nn
 from .errors import SettingError, literal
 from .files import atomic_write_bytes
 from .remote import default_cache_dir
-from .runtime import compile_openvino, openvino_core
+from .runtime import compile_openvino, import_openvino, openvino_core
 
 log = logging.getLogger("florist")
 
@@ -162,7 +162,7 @@ def openvino_model(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
     the architecture, the weights, the input shapes and the OpenVINO version. A
     cached model is used only if it computes what torch computes on the example.
     """
-    import openvino as ov
+    ov = import_openvino()
 
     from .backbones import state_id
 
@@ -179,7 +179,7 @@ def openvino_model(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
 
 def convert_openvino(module: nn.Module, example: Sequence[torch.Tensor]) -> Any:
     """Trace ``module`` into an ``openvino.Model`` whose inputs have a dynamic batch axis."""
-    import openvino as ov
+    ov = import_openvino()
 
     shapes = [[-1, *x.shape[1:]] for x in example]
     with warnings.catch_warnings(), torch.inference_mode():
@@ -204,7 +204,7 @@ def _read_ir(path: Path, module: nn.Module, example: Sequence[torch.Tensor]) -> 
 
 def _write_ir(model: Any, path: Path) -> None:
     """Save ``model`` as ``path`` (.xml) and its .bin, each atomically (the .xml last); a read-only cache is skipped."""
-    import openvino as ov
+    ov = import_openvino()
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

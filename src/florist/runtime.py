@@ -17,10 +17,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -215,6 +217,23 @@ class OpenVINORunner:
         return np.array(result[0], dtype=np.float32)  # a copy: the request reuses its output buffer
 
 
+def import_openvino() -> ModuleType:
+    """``import openvino``, without OpenVINO's usage reports.
+
+    Importing OpenVINO's converter sends a Google Analytics event, and so does each
+    conversion, unless a consent file in the user's home folder says no (a missing file
+    counts as yes), each from a newly forked process. florist runs OpenVINO on every CPU
+    run and reports nothing about its users (a fork while torch or JAX threads run can
+    also deadlock). With ``openvino_telemetry`` marked as not importable, OpenVINO uses
+    its own no-op stand-in, as it does where that package is not installed. A process
+    that imported the package before florist keeps it.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
 @functools.cache
 def openvino_core() -> Any:
     """The process's one ``openvino.Core``, kept until exit.
@@ -225,9 +244,7 @@ def openvino_core() -> Any:
     and the next signal handled on that thread (SIGCHLD after any subprocess) kills
     the process with SIGSEGV: seen here after a few dozen short-lived Cores.
     """
-    import openvino as ov
-
-    return ov.Core()
+    return import_openvino().Core()
 
 
 def compile_openvino(model: Any, bf16: bool, threads: int | None = None) -> OpenVINORunner:
