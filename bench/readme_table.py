@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: refreshing their generated table in README.md."""
+"""What the benchmark scripts share: the run they measured, their results file, and their README table."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 
@@ -18,3 +20,24 @@ def update_readme(name: str, text: str, readme: Path) -> None:
     before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)
     readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+
+
+def run_facts(run: Path) -> dict:
+    """When, and on which trained run, a benchmark measured: the head of its results file."""
+    bundle = json.loads((run / "model.json").read_text())
+    return {
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "run": str(run),
+        "backbones": [b["name"] for b in bundle["backbones"]],
+        "tta_views": bundle.get("tta_views"),
+        "run_bf16": bundle.get("bf16", False),
+    }
+
+
+def write_results(report: dict, out: Path, default: Path, name: str, table: str, readme: Path) -> None:
+    """Write ``report`` as JSON to ``out``; the README shows the committed results (``default``) only."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    if out.resolve() == default.resolve():
+        update_readme(name, table, readme)

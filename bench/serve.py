@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from readme_table import update_readme  # bench/readme_table.py
+from readme_table import run_facts, write_results  # bench/readme_table.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve.json"
@@ -154,22 +154,13 @@ def main() -> None:
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-    bundle = json.loads((args.run / "model.json").read_text())
     report = {
-        "measured": time.strftime("%Y-%m-%d %H:%M"),
-        "run": str(args.run),
-        "backbones": [b["name"] for b in bundle["backbones"]],
-        "tta_views": bundle.get("tta_views"),
-        "run_bf16": bundle.get("bf16", False),
+        **run_facts(args.run),
         "images": len(images),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if args.out.resolve() == RESULTS:  # the README shows the committed results only
-        update_readme("serve-table", table(report), ROOT / "README.md")
+    write_results(report, args.out, RESULTS, "serve-table", table(report), ROOT / "README.md")
 
 
 def table(report: dict) -> str:

@@ -347,21 +347,27 @@ def audit(
 def export(
     run_dir: Path = typer.Argument(..., help="A trained run folder."),
     out_file: Path = typer.Option(..., "--out", "-o", help="File to write, e.g. model.onnx."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or openvino (NAME.xml + NAME.bin)."),
-    quantize: bool = typer.Option(
-        False, help="ONNX only: dynamic int8 quantization; reports its top-1 change on the run's eval split."
+    format: str = typer.Option(
+        "onnx", "--format", "-f", help="onnx, torchscript, openvino (NAME.xml + NAME.bin) or tflite."
+    ),
+    quantize: Optional[str] = typer.Option(
+        None,
+        help="int8 (onnx, tflite) or fp16 (tflite); reports the file's top-1 against the run's on its eval split.",
     ),
     check_images: int = typer.Option(16, help="Real images (from the run's manifests) for the parity check."),
-    eval_limit: Optional[int] = typer.Option(None, help="With --quantize: evaluate on at most this many eval images."),
+    eval_limit: Optional[int] = typer.Option(
+        None, help="Evaluate a quantized or TFLite file on at most this many eval images."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
     quiet: bool = Quiet,
 ) -> None:
-    """Write backbone + head as one ONNX or TorchScript file (labels and preprocessing in its metadata)."""
+    """Write backbone + head as one ONNX, TorchScript, OpenVINO or TFLite file (labels and preprocessing inside)."""
     from .export import export as run_export
     from .progress import progress_bar
 
     _setup_logging(quiet)
-    with progress_bar("Evaluating fp32 and int8", enabled=quantize and not quiet and not json_out) as bar:
+    evaluates = bool(quantize) or format == "tflite"
+    with progress_bar("Evaluating the file and the run", enabled=evaluates and not quiet and not json_out) as bar:
         report = run_export(
             run_dir, out_file, format=format, quantize=quantize, check_images=check_images, eval_limit=eval_limit,
             progress=bar,

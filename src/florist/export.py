@@ -1,4 +1,4 @@
-"""Stage 7, *export*: a run folder -> one model file (ONNX or TorchScript) that needs no florist.
+"""Stage 7, *export*: a run folder -> one model file (ONNX, TorchScript, OpenVINO or TFLite) that needs no florist.
 
 The exported graph computes what :meth:`florist.predict.Classifier.predict_proba`
 computes, from preprocessed pixels: every backbone (tuned tensors included), the
@@ -7,13 +7,15 @@ views. It has one input per backbone and view (``pixels``, ``pixels_flip``, see
 :func:`florist.preprocess.model_inputs`) with a dynamic batch axis, and one output,
 ``probabilities``. Class names, inputs and their preprocessing travel in the
 file's metadata (ONNX ``metadata_props["florist"]``; TorchScript extra file
-``florist.json``).
+``florist.json``; OpenVINO ``rt_info``). A TFLite file instead takes one uint8 image
+(:class:`ImageGraph`, :mod:`florist.tflite`), as phones and MediaPipe feed it.
 
 After writing, the export is checked on real images from the run's manifests:
 the exported file and the PyTorch graph get the same preprocessed arrays, and
 the largest difference between their probabilities is reported (and must stay
-under :data:`PARITY_TOLERANCE` for fp32). ``quantize=True`` adds ONNX Runtime's
-dynamic int8 quantization and reports its top-1 change on the run's eval split.
+under :data:`PARITY_TOLERANCE` for fp32). A quantized file (``int8``: ONNX Runtime's
+dynamic int8, or LiteRT's static int8; ``fp16``: LiteRT) and every TFLite file are also
+evaluated against the run itself on its eval split (:func:`compare_on_eval`).
 """
 
 from __future__ import annotations
@@ -23,37 +25,41 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from . import tflite
 from .data import BadImage, Item, read_file, read_manifest
 from .engines import compile_frozen, convert_openvino, supports_bf16, trace_onnx
 from .errors import FloristError, SettingError, literal
 from .files import atomic_write_bytes
-from .loader import load_run
+from .loader import load, load_run
 from .predict import Classifier
 from .preprocess import ModelInput, image_arrays, model_inputs
-from .progress import ProgressFn
+from .progress import ProgressFn, only_errors_logged
 from .runfiles import EVAL_CSV, TRAIN_CSV
 from .runtime import (
     EXPORT_FORMAT,
     METADATA_KEY,
     OUTPUT_NAME,
     ArrayClassifier,
-    OnnxClassifier,
     OpenVINOClassifier,
+    import_openvino,
 )
 from .version import __version__
 
 log = logging.getLogger("florist")
 
-FORMATS = ("onnx", "torchscript", "openvino")
+FORMATS = ("onnx", "torchscript", "openvino", "tflite")
+#: The quantizations each format offers (see :func:`export`).
+QUANTIZE = {"onnx": ("int8",), "tflite": ("fp16", "int8")}
 #: Largest allowed difference between exported (fp32) and PyTorch probabilities.
 PARITY_TOLERANCE = 1e-4
 #: Name of the metadata file inside a TorchScript archive.
@@ -92,6 +98,35 @@ class ExportGraph(nn.Module):
         merged = torch.cat(features, dim=1) if len(features) > 1 else features[0]
         probs = self.head(merged).float().softmax(dim=1)
         return probs.reshape(n_views, -1, probs.shape[1]).mean(dim=0)
+
+
+class ImageGraph(nn.Module):
+    """An :class:`ExportGraph` behind one uint8 ``[N, H, W, 3]`` image: the graph of a TFLite export.
+
+    Normalisation and the flip view happen inside. The flip view mirrors the centre crop,
+    where training mirrored the photo before cropping: the same pixels, or one column off
+    when the crop's margin is odd; the eval-split agreement of :func:`export` measures
+    what that costs.
+    """
+
+    def __init__(self, graph: ExportGraph):
+        super().__init__()
+        self.body = graph  # not `graph`: torch.export's GraphModule has its own attribute of that name
+        self.inputs = [tflite.image_input(graph.inputs)]
+        mean = torch.tensor([s.data_config["mean"] for s in graph.inputs], dtype=torch.float32)
+        std = torch.tensor([s.data_config["std"] for s in graph.inputs], dtype=torch.float32)
+        # (x / 255 - mean) / std as one multiply-add per input: [inputs, 1, 3, 1, 1]
+        self.register_buffer("scale", (1 / (255 * std)).reshape(-1, 1, 3, 1, 1))
+        self.register_buffer("shift", (mean / std).reshape(-1, 1, 3, 1, 1))
+        self.eval()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float()
+        pixels = []
+        for i, spec in enumerate(self.body.inputs):
+            p = x * self.scale[i] - self.shift[i]
+            pixels.append(p.flip(3) if spec.view == "flip" else p)
+        return self.body(*pixels)
 
 
 class GraphClassifier(ArrayClassifier):
@@ -150,7 +185,7 @@ def export_metadata(classifier: Classifier, inputs: Sequence[ModelInput], precis
 class CheckBatch:
     """Preprocessed images the export is checked on, and where they came from."""
 
-    arrays: dict[str, np.ndarray]  # input name -> [N, 3, H, W]
+    arrays: dict[str, np.ndarray]  # input name -> [N, ...] as the model takes it
     source: str  # "eval.csv", "train.csv" or "synthetic"
 
     def __len__(self) -> int:
@@ -160,16 +195,36 @@ class CheckBatch:
         return tuple(torch.from_numpy(self.arrays[s.name]) for s in inputs)
 
 
+#: Image bytes -> input name -> one image's array, as a model's runtime preprocesses it.
+Prepare = Callable[[bytes], dict[str, np.ndarray]]
+
+
 def _manifest_items(run: Path, classes: Sequence[str], name: str) -> list[Item]:
     path = run / name
     return read_manifest(path, classes) if path.is_file() else []
 
 
-def check_batch(run: Path, classes: Sequence[str], inputs: Sequence[ModelInput], n: int) -> CheckBatch:
-    """Up to ``n`` real images spread over the run's eval (else train) manifest, preprocessed.
+def _stacked(images: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.stack([im[name] for im in images]) for name in images[0]}
 
-    Falls back to two synthetic images (noise with a gradient) when no listed file
-    can be read any more, so an export never depends on the photos still being there.
+
+def _synthetic_photos() -> list[bytes]:
+    """Two PNGs of noise over a gradient: check images when no photo of the run can be read."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for _ in range(2):
+        pixels = rng.normal(128, 40, (96, 80, 3)) + np.linspace(-60, 60, 80)[None, :, None]
+        out = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "PNG")
+        photos.append(out.getvalue())
+    return photos
+
+
+def check_batch(run: Path, classes: Sequence[str], prepare: Prepare, n: int) -> CheckBatch:
+    """Up to ``n`` real images spread over the run's eval (else train) manifest, ``prepare``-d.
+
+    Falls back to two synthetic images when no listed file can be read any more, so an
+    export never depends on the photos still being there.
     """
     for name in (EVAL_CSV, TRAIN_CSV):
         items = _manifest_items(run, classes, name)
@@ -177,19 +232,14 @@ def check_batch(run: Path, classes: Sequence[str], inputs: Sequence[ModelInput],
         images = []
         for item in items[::stride]:
             try:
-                images.append(image_arrays(read_file(item.path), inputs))
+                images.append(prepare(read_file(item.path)))
             except BadImage:
                 continue
             if len(images) == n:
                 break
         if images:
-            return CheckBatch({s.name: np.stack([im[s.name] for im in images]) for s in inputs}, name)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for s in inputs:
-        shape = (2, *s.data_config["input_size"])
-        arrays[s.name] = (rng.normal(0, 0.5, shape) + np.linspace(-1, 1, shape[-1])).astype(np.float32)
-    return CheckBatch(arrays, "synthetic")
+            return CheckBatch(_stacked(images), name)
+    return CheckBatch(_stacked([prepare(data) for data in _synthetic_photos()]), "synthetic")
 
 
 # ---------------------------------------------------------------------------
@@ -203,8 +253,11 @@ class ExportReport:
 
     Attributes:
         max_abs_diff: largest |exported - PyTorch| probability on the check images.
-        quantized: for ``quantize=True``: top-1 of the fp32 and int8 files on the run's
-            eval split, their agreement, the image count, and the int8 file's max_abs_diff.
+        quantize: ``int8`` or ``fp16`` for a quantized file, else None.
+        fp32_max_abs_diff: for a quantized file: the same for the fp32 model it was made from
+            (the parity check that gates the export).
+        evaluation: for a quantized or TFLite file (see :func:`compare_on_eval`): top-1 of the
+            file and of the run on the run's eval split, and how often they agree.
     """
 
     path: Path
@@ -213,31 +266,35 @@ class ExportReport:
     check_images: int
     check_source: str
     max_abs_diff: float
-    quantized: dict[str, Any] | None = None
     inputs: list[str] = field(default_factory=list)
+    quantize: str | None = None
+    fp32_max_abs_diff: float | None = None
+    evaluation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "path": str(self.path)}
 
     def summary(self) -> list[str]:
-        """What ``florist export`` prints: the file, the parity check and the int8 evaluation."""
+        """What ``florist export`` prints: the file, the parity check and the eval-split comparison."""
+        precision = self.quantize or "fp32"
         lines = [
-            f"wrote {self.path} ({self.format}, {self.size_bytes / 1e6:.1f} MB, inputs {', '.join(self.inputs)})"
+            f"wrote {self.path} ({self.format} {precision}, {self.size_bytes / 1e6:.1f} MB, "
+            f"inputs {', '.join(self.inputs)})"
         ]
         where = f"on {self.check_images} images from {self.check_source}"
-        q = self.quantized
-        if not q:
-            return [*lines, f"parity: max |exported - PyTorch| probability {self.max_abs_diff:.2e} {where}"]
-        lines += [
-            f"parity: max |fp32 export - PyTorch| probability {q['fp32_max_abs_diff']:.2e} {where}",
-            f"int8: max |int8 export - PyTorch| probability {self.max_abs_diff:.2e}",
-        ]
-        if not q.get("n"):
-            return [*lines, f"int8: top-1 not measured ({q.get('note')})"]
+        if self.fp32_max_abs_diff is not None:
+            lines.append(f"parity: max |fp32 export - PyTorch| probability {self.fp32_max_abs_diff:.2e} {where}")
+            where = ""
+        lines.append(f"parity: max |{precision} export - PyTorch| probability {self.max_abs_diff:.2e} {where}".rstrip())
+        e = self.evaluation
+        if e is None:
+            return lines
+        if not e.get("n"):
+            return [*lines, f"eval split: not measured ({e.get('note')})"]
         return [
             *lines,
-            f"int8: top-1 {q['top1_int8']:.2%} vs fp32 {q['top1_fp32']:.2%} ({q['top1_change'] * 100:+.2f} points), "
-            f"same top class on {q['agreement']:.1%} of {q['n']} eval images",
+            f"eval split: top-1 {e['top1_export']:.2%} vs the run's {e['top1_run']:.2%} "
+            f"({e['top1_change'] * 100:+.2f} points), same top class on {e['agreement']:.1%} of {e['n']} images",
         ]
 
 
@@ -279,59 +336,53 @@ def _quantize(fp32: bytes, metadata: dict[str, Any]) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs a warning per shape tensor it leaves alone
-    try:
-        with tempfile.TemporaryDirectory(prefix="florist-quantize-") as tmp:
-            src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
-            src.write_bytes(fp32)
-            quant_pre_process(str(src), str(pre))
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
-            model = onnx.load(str(dst))
-    finally:
-        root.setLevel(level)
-    return _with_metadata(model, {**metadata, "precision": "int8"})
+    # the quantizer logs a warning per shape tensor it leaves alone
+    with only_errors_logged(), tempfile.TemporaryDirectory(prefix="florist-quantize-") as tmp:
+        src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre))
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+        model = onnx.load(str(dst))
+    return _with_metadata(model, metadata)
 
 
-def _top1(path: Path, items: Sequence[Item], progress: ProgressFn | None) -> np.ndarray:
-    """Predicted class of each item (-1 for unreadable files) by the ONNX file at ``path``."""
-    probs, errors = OnnxClassifier(path).predict_proba([it.path for it in items], progress=progress)
+def _top1(model: ArrayClassifier, items: Sequence[Item], progress: ProgressFn | None) -> np.ndarray:
+    """Predicted class of each item (-1 for unreadable files) by ``model``."""
+    probs, errors = model.predict_proba([it.path for it in items], progress=progress)
     predicted = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
     predicted[list(errors)] = -1
     return predicted
 
 
-def compare_quantized(
-    fp32: bytes,
-    int8: bytes,
+def compare_on_eval(
+    run_model: ArrayClassifier,
+    exported: ArrayClassifier,
     run: Path,
-    classes: Sequence[str],
     limit: int | None,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
-    """Top-1 of the fp32 and int8 models on the run's eval split (first ``limit`` images spread over it)."""
-    items = _manifest_items(run, classes, EVAL_CSV)
+    """Top-1 of an exported file and of the run itself on the run's eval split, and their agreement.
+
+    Args:
+        limit: use at most this many eval images, spread over the split.
+    """
+    items = _manifest_items(run, run_model.classes, EVAL_CSV)
     if limit and len(items) > limit:
         items = items[:: len(items) // limit][:limit]
     if not items:
         return {"n": 0, "note": "the run has no eval split"}
-    with tempfile.TemporaryDirectory(prefix="florist-compare-") as tmp:
-        paths = [Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")]
-        for p, data in zip(paths, (fp32, int8)):
-            p.write_bytes(data)
-        a, b = (_top1(p, items, progress) for p in paths)
+    a, b = (_top1(m, items, progress) for m in (run_model, exported))
     truth = np.array([it.label for it in items])
     ok = (a >= 0) & (b >= 0)
     if not ok.any():
         return {"n": 0, "note": "no eval image could be read"}
-    top1_fp32 = float(np.mean(a[ok] == truth[ok]))
-    top1_int8 = float(np.mean(b[ok] == truth[ok]))
+    top1_run = float(np.mean(a[ok] == truth[ok]))
+    top1_export = float(np.mean(b[ok] == truth[ok]))
     return {
         "n": int(ok.sum()),
-        "top1_fp32": top1_fp32,
-        "top1_int8": top1_int8,
-        "top1_change": top1_int8 - top1_fp32,
+        "top1_run": top1_run,
+        "top1_export": top1_export,
+        "top1_change": top1_export - top1_run,
         "agreement": float(np.mean(a[ok] == b[ok])),
     }
 
@@ -341,7 +392,7 @@ def export(
     out: str | Path,
     *,
     format: str = "onnx",
-    quantize: bool = False,
+    quantize: str | None = None,
     check_images: int = 16,
     eval_limit: int | None = None,
     progress: ProgressFn | None = None,
@@ -351,20 +402,22 @@ def export(
     Args:
         run_dir: a finished run folder (head or tune-top, one or several backbones).
         out: the file to write (atomically; replaced if it exists).
-        format: ``onnx`` or ``torchscript``.
-        quantize: ONNX only: dynamic int8 quantization of the weights.
+        format: ``onnx``, ``torchscript``, ``openvino`` or ``tflite`` (see :mod:`florist.tflite`).
+        quantize: ``int8`` (ONNX: ONNX Runtime's dynamic int8 weights; TFLite: int8 weights
+            and activations calibrated on training photos) or ``fp16`` (TFLite: float16 weights).
         check_images: how many real images (from the run's manifests) the parity check uses.
-        eval_limit: with ``quantize``, evaluate fp32 vs int8 on at most this many eval images.
-        progress: ``progress(done, total)`` while the quantized model is evaluated.
+        eval_limit: evaluate a quantized or TFLite file on at most this many eval images.
+        progress: ``progress(done, total)`` while the file and the run are evaluated.
 
     Raises:
         FloristError: not a run folder, unsupported option or preprocessing, or an fp32
-            export whose probabilities differ from PyTorch's by more than :data:`PARITY_TOLERANCE`.
+            model whose probabilities differ from PyTorch's by more than :data:`PARITY_TOLERANCE`.
     """
     if format not in FORMATS:
         raise SettingError(f"{{format}} must be one of {', '.join(FORMATS)}, got {literal(format)}")
-    if quantize and format != "onnx":
-        raise SettingError("{quantize} needs {format:onnx} (ONNX Runtime int8 quantization)")
+    if quantize is not None and quantize not in QUANTIZE.get(format, ()):
+        offered = "; ".join(f"{{format:{f}}}: {' or '.join(q)}" for f, q in QUANTIZE.items())
+        raise SettingError(f"{{quantize}} {literal(quantize)} is not offered for {{format:{format}}} ({offered})")
     if check_images < 1:
         raise SettingError(f"{{check_images}} must be >= 1, got {literal(check_images)}")
     run, out = Path(run_dir), Path(out)
@@ -372,32 +425,86 @@ def export(
         raise SettingError(f"{{format:openvino}} writes NAME.xml and NAME.bin: name the .xml file, got {out.name!r}")
     classifier = load_run(run)
     graph = ExportGraph(classifier)
-    batch = check_batch(run, classifier.classes, graph.inputs, check_images)
+    model = ImageGraph(graph) if format == "tflite" else graph
+    batch = check_batch(run, classifier.classes, _preparer(model, format), check_images)
     with torch.inference_mode():
-        reference = graph(*batch.tensors(graph.inputs)).numpy()
-    metadata = export_metadata(classifier, graph.inputs, "fp32")
-    quantized = None
+        reference = model(*batch.tensors(model.inputs)).numpy()
+    metadata = export_metadata(classifier, model.inputs, quantize or "fp32")
+    fp32_diff = None
     if format == "onnx":
         data = _onnx_bytes(graph, batch.tensors(graph.inputs), metadata)
         diff = float(np.abs(_session_probabilities(data, batch) - reference).max())
-        _check_parity(diff)
         if quantize:
-            fp32 = data
-            data = _quantize(fp32, metadata)
-            quantized = compare_quantized(fp32, data, run, classifier.classes, eval_limit, progress)
-            quantized["fp32_max_abs_diff"] = diff
+            _check_parity(diff)
+            fp32_diff, data = diff, _quantize(data, metadata)
             diff = float(np.abs(_session_probabilities(data, batch) - reference).max())
+    elif format == "tflite":
+        calibration = [it.path for it in _manifest_items(run, classifier.classes, TRAIN_CSV)]
+        data, diff, fp32_diff = _tflite_bytes(model, batch, reference, metadata, quantize, calibration)
     elif format == "openvino":
         data, weights, diff = _openvino_files(graph, batch, reference, metadata)
-        _check_parity(diff)
-        atomic_write_bytes(out.with_suffix(".bin"), weights)  # the .xml, written last, names a whole model
     else:
         data, diff = _torchscript_bytes(graph, batch, reference, metadata)
+    if fp32_diff is None:
         _check_parity(diff)
+    evaluation = None
+    if quantize or format == "tflite":
+        evaluation = _evaluate(data, out.suffix, classifier, run, eval_limit, progress)
+    if format == "openvino":
+        atomic_write_bytes(out.with_suffix(".bin"), weights)  # the .xml, written last, names a whole model
     atomic_write_bytes(out, data)
+    names = [s.name for s in model.inputs]
     return ExportReport(
-        out, format, len(data), len(batch), batch.source, diff, quantized, [s.name for s in graph.inputs]
+        out, format, len(data), len(batch), batch.source, diff, names, quantize, fp32_diff, evaluation
     )
+
+
+def _preparer(model: nn.Module, format: str) -> Prepare:
+    """How the exported file's runtime turns image bytes into ``model``'s inputs."""
+    if format == "tflite":
+        preprocessing = model.inputs[0].data_config
+        return lambda data: {tflite.INPUT_NAME: tflite.image_pixels(data, preprocessing)}
+    return lambda data: image_arrays(data, model.inputs)
+
+
+def _evaluate(
+    data: bytes, suffix: str, classifier: Classifier, run: Path, limit: int | None, progress: ProgressFn | None
+) -> dict[str, Any]:
+    """:func:`compare_on_eval` of the file about to be written (loaded from a temporary copy) and the run."""
+    with tempfile.TemporaryDirectory(prefix="florist-evaluate-") as tmp:
+        path = Path(tmp, "model" + suffix)
+        path.write_bytes(data)
+        return compare_on_eval(GraphClassifier(classifier), load(path), run, limit, progress)
+
+
+def _tflite_bytes(
+    model: nn.Module,
+    batch: CheckBatch,
+    reference: np.ndarray,
+    metadata: dict[str, Any],
+    quantize: str | None,
+    calibration: Sequence[Path],
+) -> tuple[bytes, float, float | None]:
+    """Convert to TFLite, check the fp32 file's parity, quantize, and attach the metadata.
+
+    Returns the file, its max probability difference from PyTorch on ``batch``, and (when
+    quantized) the fp32 file's.
+    """
+    (example,) = batch.tensors(model.inputs)
+    images = batch.arrays[tflite.INPUT_NAME]
+    data = tflite.convert(model, example[:1])
+    diff = float(np.abs(tflite.TFLiteRunner(data, "the converted model")(images) - reference).max())
+    _check_parity(diff)
+    fp32_diff = None
+    if quantize:
+        preprocessing = model.inputs[0].data_config
+        fp32_diff = diff
+        data = tflite.quantize(
+            data, quantize, lambda: tflite.calibration_images(calibration, preprocessing, tflite.CALIBRATION_IMAGES)
+        )
+        diff = float(np.abs(tflite.TFLiteRunner(data, "the quantized model")(images) - reference).max())
+    metadata["inputs"][0].update(dtype="uint8", layout="NHWC")
+    return tflite.with_metadata(data, metadata), diff, fp32_diff
 
 
 def _check_parity(diff: float) -> None:
@@ -436,7 +543,7 @@ def _openvino_files(
 
     Returns the ``.xml`` and ``.bin`` contents, read back from a temporary folder.
     """
-    import openvino as ov
+    ov = import_openvino()
 
     model = convert_openvino(graph, batch.tensors(graph.inputs))
     for port, spec in zip(model.inputs, graph.inputs):

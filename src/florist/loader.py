@@ -1,7 +1,7 @@
-"""The one way to load a trained model: a run folder, or an exported ``.onnx`` or OpenVINO ``.xml`` file.
+"""The one way to load a trained model: a run folder, or an exported ``.onnx``, OpenVINO ``.xml`` or ``.tflite`` file.
 
 Importing this module needs no torch: an ``.onnx`` file is run by ONNX Runtime, an
-``.xml`` file by OpenVINO, and torch is imported only for a run folder.
+``.xml`` file by OpenVINO, a ``.tflite`` file by LiteRT, and torch is imported only for a run folder.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from .runfiles import MODEL_JSON, MODEL_WEIGHTS
 
 if TYPE_CHECKING:
     from .predict import Classifier
-    from .runtime import OnnxClassifier, OpenVINOClassifier
+    from .runtime import ExportedClassifier
 
 
-def load(path: str | Path, *, engine: str | None = None) -> "Classifier | OnnxClassifier | OpenVINOClassifier":
-    """Load a trained classifier: a run folder, or an exported ``.onnx`` (ONNX Runtime) or ``.xml`` (OpenVINO) file.
+def load(path: str | Path, *, engine: str | None = None) -> "Classifier | ExportedClassifier":
+    """Load a trained classifier: a run folder, or an exported ``.onnx`` (ONNX Runtime), ``.xml`` (OpenVINO) or ``.tflite`` (LiteRT) file.
 
     ``path`` may be a URL (``gs://bucket/runs/x``, ``s3://...``): its model files are fetched
     into the local cache once, and again only when they change.
@@ -36,9 +36,15 @@ def load(path: str | Path, *, engine: str | None = None) -> "Classifier | OnnxCl
     if is_exported(path):
         from .runtime import OnnxClassifier, OpenVINOClassifier
 
-        if Path(path).suffix.lower() == ".xml":
+        suffix = Path(path).suffix.lower()
+        if suffix == ".xml":
             with local_input(path, siblings=[Path(path).with_suffix(".bin").name]) as model:
                 return OpenVINOClassifier(model.path)
+        if suffix == ".tflite":
+            from .tflite import TFLiteClassifier
+
+            with local_input(path) as model:
+                return TFLiteClassifier(model.path)
         with local_input(path) as model:  # a URL is fetched into the local cache once
             return OnnxClassifier(model.path)
     return load_run(path, engine=engine)

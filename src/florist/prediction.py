@@ -49,8 +49,8 @@ def rank(
     return out
 
 
-#: File suffixes of exported models: ONNX, and OpenVINO IR (``.xml`` beside its ``.bin``).
-EXPORTED_SUFFIXES = (".onnx", ".xml")
+#: File suffixes of exported models: ONNX, OpenVINO IR (``.xml`` beside its ``.bin``) and TFLite.
+EXPORTED_SUFFIXES = (".onnx", ".xml", ".tflite")
 
 
 def is_exported(path: str | Path) -> bool:

@@ -82,8 +82,10 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-def to_array(image: Image.Image, data_config: dict[str, Any], view: str = "clean") -> np.ndarray:
-    """One RGB image -> ``[3, H, W]`` float32, normalised as the backbone expects.
+def crop_pixels(image: Image.Image, data_config: dict[str, Any], view: str = "clean") -> np.ndarray:
+    """One RGB image -> the ``[H, W, 3]`` uint8 pixels the backbone sees, before normalisation.
+
+    This is the input of an exported TFLite model, which normalises inside its graph.
 
     Args:
         view: ``clean`` (centre crop) or ``flip`` (the mirrored image, then the centre crop,
@@ -94,8 +96,12 @@ def to_array(image: Image.Image, data_config: dict[str, Any], view: str = "clean
     if view == "flip":
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     height, width = data_config["input_size"][-2:]
-    crop = _center_crop(_resized(image, data_config), height, width)
-    pixels = np.asarray(crop, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return np.asarray(_center_crop(_resized(image, data_config), height, width), dtype=np.uint8)
+
+
+def to_array(image: Image.Image, data_config: dict[str, Any], view: str = "clean") -> np.ndarray:
+    """One RGB image -> ``[3, H, W]`` float32, normalised as the backbone expects (views: :func:`crop_pixels`)."""
+    pixels = crop_pixels(image, data_config, view).astype(np.float32) / np.float32(255)
     mean = np.asarray(data_config["mean"], dtype=np.float32)
     std = np.asarray(data_config["std"], dtype=np.float32)
     return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))

@@ -126,3 +126,20 @@ def _log_lines(description: str, unit: str, every: float) -> ProgressFn:
         log.info("%s: %d/%d%s%s", description, done, total, speed + (")" if speed else ""), extra)
 
     return update
+
+
+@contextmanager
+def only_errors_logged() -> Iterator[None]:
+    """Let only errors through the root logger while a third-party tool runs.
+
+    Converters and quantizers log a line per graph pass or tensor at INFO or WARNING
+    (ONNX Runtime's quantizer, litert-torch and the JAX lowering under it); the user
+    asked for a file, and florist reports what it measured about it.
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
