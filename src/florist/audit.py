@@ -42,6 +42,7 @@ from .data import (
 )
 from .errors import FloristError
 from .files import sha256_bytes
+from .labels import DEFAULT_FOLDS, LabelIssue, find_label_issues
 from .progress import ProgressFn
 
 #: Largest Hamming distance (of 64 bits) between perceptual hashes that counts as a
@@ -111,6 +112,7 @@ class AuditReport:
     exact_duplicates: list[DuplicateGroup] = field(default_factory=list)
     near_duplicates: list[NearDuplicate] = field(default_factory=list)
     tiny: list[TinyImage] = field(default_factory=list)
+    label_issues: list[LabelIssue] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -196,8 +198,14 @@ def audit(
     near_distance: int = DEFAULT_NEAR_DISTANCE,
     min_side: int = DEFAULT_MIN_SIDE,
     imbalance: float = DEFAULT_IMBALANCE,
+    labels: bool = False,
+    folds: int = DEFAULT_FOLDS,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    engine: str = "auto",
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    labels_progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Check a ``<folder>/<class>/<images>`` tree for problems that hurt training or evaluation.
 
@@ -208,8 +216,14 @@ def audit(
         min_side: report images whose shorter side is below this many pixels.
         imbalance: warn when the largest class has more than this many times the
             images of the smallest.
+        labels: also look for suspect labels (:mod:`florist.labels`): out-of-fold heads on
+            ``backbone``'s cached features, ranked by cleanlab.
+        folds: parts the photos are split into for those heads.
+        backbone, weights, engine: the network the heads use, as ``florist train`` takes them
+            (its feature cache is shared).
         workers: threads reading and decoding files.
         progress: ``progress(done, total)`` while files are read.
+        labels_progress: the same while features are computed for ``labels``.
 
     Returns:
         An :class:`AuditReport`; its ``warnings`` summarise what deserves attention.
@@ -263,6 +277,12 @@ def audit(
             ),
             key=lambda n: (n.distance, n.paths),
         )
+    if labels:
+        report.label_issues = find_label_issues(
+            [it.path for it in items], [it.label for it in items], names, [rel(it.path) for it in items],
+            backbone=backbone, weights=weights, engine=engine, folds=folds, progress=labels_progress,
+        )
+        report.settings.update(labels=True, folds=folds, backbone=backbone)
     report.warnings = _warnings(report, imbalance)
     return report
 
@@ -295,6 +315,12 @@ def _warnings(report: AuditReport, imbalance: float) -> list[str]:
         out.append(
             f"{len(report.near_duplicates)} near-duplicate pair(s) (perceptual hash distance <= "
             f"{report.settings['near_distance']}): copies can leak between train and eval"
+        )
+    if report.label_issues:
+        first = report.label_issues[0]
+        out.append(
+            f"{len(report.label_issues)} photo(s) look mislabelled (a head that never saw them disagrees), "
+            f"e.g. {first.path}: filed as {first.given!r}, looks like {first.suggested!r}"
         )
     if report.unreadable:
         out.append(f"{len(report.unreadable)} file(s) cannot be used (corrupt, empty or not images)")

@@ -327,15 +327,26 @@ def audit(
     ),
     min_side: int = typer.Option(112, help="Report images whose shorter side is below this many pixels."),
     limit: int = typer.Option(10, help="Rows shown per kind of problem (--json lists all)."),
+    labels: bool = typer.Option(
+        False, "--labels", help="Also find suspect labels: out-of-fold heads on cached features, ranked by cleanlab."
+    ),
+    folds: int = typer.Option(5, help="With --labels: parts the photos are split into for the heads."),
+    backbone: str = typer.Option("efficientnet_lite0", help="With --labels: the network whose features they use."),
+    weights: Optional[str] = typer.Option(None, help="With --labels: that network's weights file (as train takes it)."),
+    engine: str = typer.Option("auto", help="With --labels: auto, openvino, onnxruntime or torch."),
     quiet: bool = Quiet,
 ) -> None:
-    """Check a photo folder: class balance, unusable/odd files, exact and near duplicates, label conflicts, tiny images."""
+    """Check a photo folder: class balance, unusable/odd files, duplicates, label conflicts, tiny images, suspect labels."""
     from .audit import audit as run_audit
     from .progress import progress_bar
 
     _setup_logging(quiet)
-    with progress_bar("Auditing images", enabled=not quiet and not json_out) as bar:
-        report = run_audit(data_dir, near_distance=near_distance, min_side=min_side, progress=bar)
+    bars = not quiet and not json_out
+    with progress_bar("Auditing images", enabled=bars) as bar, progress_bar("Features", enabled=bars and labels) as fbar:
+        report = run_audit(
+            data_dir, near_distance=near_distance, min_side=min_side, labels=labels, folds=folds,
+            backbone=backbone, weights=weights, engine=engine, progress=bar, labels_progress=fbar,
+        )
     if json_out:
         _print_json(report.to_dict())
     else:
@@ -422,6 +433,11 @@ def _print_audit(report: Any, limit: int) -> None:
     add("unusable", report.unreadable, lambda f: (f.path, f.reason))
     add("odd file", report.odd, lambda f: (f.path, f.reason))
     add("tiny", report.tiny, lambda t: (t.path, f"{t.width}x{t.height} px"))
+    add(
+        "suspect label",
+        report.label_issues,
+        lambda i: (i.path, f"filed as {i.given}, looks like {i.suggested} (p({i.given}) = {i.score:.2f})"),
+    )
     if rows:
         table = Table("problem", "file(s)", "detail")
         table.columns[1].overflow = "fold"  # a path is never cut short

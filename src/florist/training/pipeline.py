@@ -123,7 +123,7 @@ def train(
     joined = dist.init(device)
     try:
         started = time.perf_counter()
-        backbones = _create_backbones(cfg, device)  # a bad name fails here, before out_dir is touched
+        backbones = create_backbones(cfg, device)  # a bad name fails here, before out_dir is touched
         # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
         # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
         with (
@@ -141,7 +141,7 @@ def train(
             dist.shutdown()
 
 
-def _create_backbones(cfg: TrainConfig, device: torch.device) -> list[Backbone]:
+def create_backbones(cfg: TrainConfig, device: torch.device) -> list[Backbone]:
     """One backbone per name in ``cfg.backbone``, in that order, on the chosen engine and precision."""
     engine = resolve_engine(cfg.engine, device)
     if cfg.precision == "bf16" and not supports_bf16(engine):
