@@ -9,7 +9,15 @@
    that were moved (precision). A photo the folder already had wrong counts against
    precision, so the figure is a floor.
 
-Writes ``bench/results/trust.json`` and the table between README.md's ``trust-table`` markers.
+3. **Out-of-distribution candidates** (for the "unknown" answer still to be built): the run's
+   own network and head on its 300 eval photos (in distribution) and on the photos that ship
+   with scikit-image and scikit-learn (astronaut, coffee, rocket, textures, microscopy, text:
+   17 pictures, each also as 4 seeded half-size crops), scored by max softmax probability,
+   energy (log-sum-exp of the logits), Mahalanobis distance to the nearest class mean (shared
+   covariance, shrunk) and cosine distance to the 10th nearest training photo, all on the
+   run's pooled features. AUROC and the false-positive rate at 95% true positives per score.
+
+Writes ``bench/results/trust.json`` and the tables between README.md's ``trust-table`` markers.
 
     python bench/trust.py runs/flowers
 """
@@ -116,6 +124,98 @@ def measure(photos: Path) -> dict:
     return {"photos": n, **scores(found, moved), "first_s": round(times[0], 1), "warm_s": round(times[1], 1)}
 
 
+OOD_SKIMAGE = (
+    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    "colorwheel", "camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "cell",
+)
+
+
+def ood_photos(folder: Path, crops: int = 4) -> list[Path]:
+    """The packages' photos as PNG files, each whole and as ``crops`` seeded half-size crops."""
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    pictures = {name: getattr(skimage.data, name)() for name in OOD_SKIMAGE}
+    pictures.update(zip(("sklearn_china", "sklearn_flower"), load_sample_images().images))
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, pixels in pictures.items():
+        image = Image.fromarray(pixels).convert("RGB")
+        w, h = image.size
+        views = [image] + [
+            image.crop((x, y, x + w // 2, y + h // 2))
+            for x, y in zip(rng.integers(0, w // 2, crops), rng.integers(0, h // 2, crops))
+        ]
+        for k, view in enumerate(views):
+            paths.append(folder / f"{name}-{k}.png")
+            view.save(paths[-1])
+    return paths
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """P(an outside score > an inside score): scores are higher for less familiar photos."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
+
+
+def fpr_at_95(inside: np.ndarray, outside: np.ndarray) -> float:
+    """Share of outside photos accepted when the threshold accepts 95% of inside photos."""
+    return float(np.mean(outside <= np.quantile(inside, 0.95)))
+
+
+def ood_scores(train: np.ndarray, labels: np.ndarray, features: np.ndarray, logits: np.ndarray) -> dict:
+    """Every candidate score for ``features`` (higher = less like the training photos)."""
+    import torch
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([train[labels == c].mean(0) for c in np.unique(labels)])
+    precision = LedoitWolf().fit(train - means[labels]).precision_
+    centred = features[:, None, :] - means[None]
+    mahalanobis = np.einsum("ncd,de,nce->nc", centred, precision, centred).min(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = unit(features) @ unit(train).T
+    logits_t = torch.from_numpy(logits)
+    return {
+        "max_softmax": -logits_t.softmax(1).max(1).values.numpy(),
+        "energy": -torch.logsumexp(logits_t, 1).numpy(),
+        "mahalanobis": mahalanobis,
+        "knn_cosine": 1 - np.sort(similarity, axis=1)[:, -10],
+    }
+
+
+def measure_ood(run: Path) -> dict:
+    import torch
+
+    import florist
+    from florist.data import read_manifest
+    from florist.features import extract_concat
+    from florist.remote import default_cache_dir
+
+    model = florist.load(run)
+
+    def features(paths: list) -> np.ndarray:
+        views = extract_concat(model.backbones, paths, ["clean"], cache_root=default_cache_dir())
+        return views["clean"].features.astype(np.float64)
+
+    train_items = read_manifest(run / "train.csv", model.classes)
+    train = features([it.path for it in train_items])
+    labels = np.array([it.label for it in train_items])
+    with tempfile.TemporaryDirectory(prefix="florist-bench-ood-") as tmp:
+        outside_paths = ood_photos(Path(tmp))
+        outside = features(outside_paths)
+    inside = features([it.path for it in read_manifest(run / "eval.csv", model.classes)])
+    with torch.inference_mode():
+        logits = [model.head(torch.from_numpy(f).float()).numpy().astype(np.float64) for f in (inside, outside)]
+    a, b = ood_scores(train, labels, inside, logits[0]), ood_scores(train, labels, outside, logits[1])
+    out = {
+        name: {"auroc": auroc(a[name], b[name]), "fpr_at_95_tpr": fpr_at_95(a[name], b[name])} for name in a
+    }
+    print(json.dumps(out))
+    return {"in_distribution": len(inside), "out_of_distribution": len(outside), "scores": out}
+
+
 def table(r: dict) -> str:
     m = r["measured_labels"]
     best = r["choice"][r["chosen"]]
@@ -129,6 +229,16 @@ def table(r: dict) -> str:
             f"_Head C = {best['C']}, cleanlab filter_by={best['filter_by']!r}: mean F1 {best['mean_f1']:.2f} on the "
             f"run's training photos with two other seeded flips, the best of {len(r['choice'])} candidates. "
             f"Measured {r['measured']} by `bench/trust.py`._",
+            "",
+            "| out-of-distribution score | AUROC | photos of other things accepted at 95% of flowers |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {s['auroc']:.3f} | {s['fpr_at_95_tpr']:.1%} |"
+                for name, s in r["ood"]["scores"].items()
+            ),
+            "",
+            f"_The run's network and head; {r['ood']['in_distribution']} eval flowers against "
+            f"{r['ood']['out_of_distribution']} pictures from scikit-image and scikit-learn (whole and cropped)._",
         ]
     )
 
@@ -152,6 +262,7 @@ def main() -> None:
         "chosen": chosen,
         "default": {"C": DEFAULT_C, "filter_by": DEFAULT_FILTER},
         "measured_labels": measure(photos),
+        "ood": measure_ood(args.run),
     }
     print(json.dumps(report["measured_labels"]))
     write_results(report, args.out, RESULTS, "trust-table", table(report), ROOT / "README.md")
