@@ -216,3 +216,10 @@ class ToFloat(torch.nn.Module):
 
 def test_tflite_predict_and_serve_need_no_torch(exported_tflite: tuple, photos: Path, tmp_path: Path) -> None:
     assert_predicts_and_serves_without_torch(exported_tflite[0], photos, tmp_path)
+
+
+def test_the_output_may_have_any_name(trained_run: Path, tmp_path: Path) -> None:
+    """The evaluation loads a copy named for its format, not for what the user called the file."""
+    report = export(trained_run, tmp_path / "model.bin", format="tflite", check_images=2)
+    assert report.evaluation["n"] == 6
+    assert TFLiteClassifier(tmp_path / "model.bin").classes == read_bundle(trained_run).classes

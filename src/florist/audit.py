@@ -280,7 +280,7 @@ def audit(
     if labels:
         report.label_issues = find_label_issues(
             [it.path for it in items], [it.label for it in items], names, [rel(it.path) for it in items],
-            backbone=backbone, weights=weights, engine=engine, folds=folds, progress=labels_progress,
+            shas=[it.sha256 for it in items], backbone=backbone, weights=weights, engine=engine, folds=folds, progress=labels_progress,
         )
         report.settings.update(labels=True, folds=folds, backbone=backbone)
     report.warnings = _warnings(report, imbalance)

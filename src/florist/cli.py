@@ -373,12 +373,13 @@ def export(
     quiet: bool = Quiet,
 ) -> None:
     """Write backbone + head as one ONNX, TorchScript, OpenVINO or TFLite file (labels and preprocessing inside)."""
+    from .export import evaluates
     from .export import export as run_export
     from .progress import progress_bar
 
     _setup_logging(quiet)
-    evaluates = bool(quantize) or format == "tflite"
-    with progress_bar("Evaluating the file and the run", enabled=evaluates and not quiet and not json_out) as bar:
+    shown = evaluates(format, quantize) and not quiet and not json_out
+    with progress_bar("Evaluating the file and the run", enabled=shown) as bar:
         report = run_export(
             run_dir, out_file, format=format, quantize=quantize, check_images=check_images, eval_limit=eval_limit,
             progress=bar,

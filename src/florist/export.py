@@ -59,7 +59,7 @@ log = logging.getLogger("florist")
 
 FORMATS = ("onnx", "torchscript", "openvino", "tflite")
 #: The quantizations each format offers (see :func:`export`).
-QUANTIZE = {"onnx": ("int8",), "tflite": ("fp16", "int8")}
+QUANTIZE = {"onnx": ("int8",), "tflite": tflite.QUANTIZATIONS}
 #: Largest allowed difference between exported (fp32) and PyTorch probabilities.
 PARITY_TOLERANCE = 1e-4
 #: Name of the metadata file inside a TorchScript archive.
@@ -448,8 +448,8 @@ def export(
     if fp32_diff is None:
         _check_parity(diff)
     evaluation = None
-    if quantize or format == "tflite":
-        evaluation = _evaluate(data, out.suffix, classifier, run, eval_limit, progress)
+    if evaluates(format, quantize):
+        evaluation = _evaluate(data, format, classifier, run, eval_limit, progress)
     if format == "openvino":
         atomic_write_bytes(out.with_suffix(".bin"), weights)  # the .xml, written last, names a whole model
     atomic_write_bytes(out, data)
@@ -467,12 +467,21 @@ def _preparer(model: nn.Module, format: str) -> Prepare:
     return lambda data: image_arrays(data, model.inputs)
 
 
+def evaluates(format: str, quantize: str | None) -> bool:
+    """Whether :func:`export` compares the file with the run on its eval split: quantized or TFLite files."""
+    return bool(quantize) or format == "tflite"
+
+
 def _evaluate(
-    data: bytes, suffix: str, classifier: Classifier, run: Path, limit: int | None, progress: ProgressFn | None
+    data: bytes, format: str, classifier: Classifier, run: Path, limit: int | None, progress: ProgressFn | None
 ) -> dict[str, Any]:
-    """:func:`compare_on_eval` of the file about to be written (loaded from a temporary copy) and the run."""
+    """:func:`compare_on_eval` of the file about to be written (loaded from a temporary copy) and the run.
+
+    The copy is named for its format (``model.onnx``, ``model.tflite``), whatever the user calls
+    the output, so that :func:`florist.loader.load` picks its runtime.
+    """
     with tempfile.TemporaryDirectory(prefix="florist-evaluate-") as tmp:
-        path = Path(tmp, "model" + suffix)
+        path = Path(tmp, f"model.{format}")
         path.write_bytes(data)
         return compare_on_eval(GraphClassifier(classifier), load(path), run, limit, progress)
 

@@ -107,6 +107,7 @@ def find_label_issues(
     classes: Sequence[str],
     names: Sequence[str],
     *,
+    shas: Sequence[str] | None = None,
     backbone: str = "efficientnet_lite0",
     weights: str | None = None,
     engine: str = "auto",
@@ -116,6 +117,7 @@ def find_label_issues(
     """The photos at ``paths`` (shown as ``names``) whose ``labels`` look wrong, most suspect first.
 
     Args:
+        shas: the files' content hashes when known, so cached photos are not read again.
         backbone, weights, engine: the network whose pooled features the heads are fitted on
             (as ``florist train`` takes them; its feature cache is shared).
         progress: ``progress(done, total)`` while features are computed.
@@ -135,6 +137,7 @@ def find_label_issues(
         net,
         list(paths),
         VIEWS,
+        shas=shas,
         cache_root=default_cache_dir(),
         progress_for=(lambda view: nullcontext(progress)) if progress else None,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -42,8 +41,6 @@ from .preprocess import ModelInput, crop_pixels, load_for_backbone
 from .progress import only_errors_logged
 from .runtime import ExportedClassifier
 from .version import __version__
-
-log = logging.getLogger("florist")
 
 #: The one input of an exported TFLite model.
 INPUT_NAME = "image"
@@ -227,11 +224,11 @@ def float_output(model: bytes) -> bytes:
     tree = model_tree(model)
     graph = tree.subgraphs[0]
     (output,) = graph.outputs
-    codes = [tree.operatorCodes[op.opcodeIndex] for op in graph.operators]
-    last = next(
-        (i for i, op in enumerate(graph.operators) if list(op.outputs) == [output]), None
-    )
-    if last is None or max(codes[last].builtinCode, codes[last].deprecatedBuiltinCode) != schema.BuiltinOperator.QUANTIZE:
+    last = next((i for i, op in enumerate(graph.operators) if list(op.outputs) == [output]), None)
+    if last is None:
+        return model
+    code = tree.operatorCodes[graph.operators[last].opcodeIndex]
+    if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.QUANTIZE:
         return model
     (source,) = graph.operators[last].inputs
     if graph.tensors[source].type != schema.TensorType.FLOAT32:
