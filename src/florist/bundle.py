@@ -28,6 +28,8 @@ from .runfiles import MODEL_JSON, MODEL_WEIGHTS
 FORMAT_VERSION = 1
 #: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``.
 BACKBONE_PREFIX = "backbone."
+#: Prefix of the out-of-distribution detector's tensors (see :mod:`florist.ood`).
+OOD_PREFIX = "ood."
 #: Key of ``model.json`` holding the SHA-256 of ``model.safetensors`` (checked on load).
 WEIGHTS_SHA256 = "weights_sha256"
 
@@ -46,6 +48,9 @@ class Bundle:
         tuned_id: content hash of the re-trained backbone tensors (None: the backbone is unchanged).
         bf16: the features were computed under bfloat16 autocast, and must be again.
         engine: what computed the features (see :mod:`florist.engines`), and computes them again.
+        temperature: divides the log of the averaged probabilities (see :mod:`florist.calibration`).
+        ood_threshold: out-of-distribution scores above it answer "unknown" (see :mod:`florist.ood`);
+            the detector's tensors are in ``state`` under ``ood.``.
         train_config: the resolved settings of the run that trained it.
         florist_version: the florist that wrote it.
     """
@@ -59,6 +64,8 @@ class Bundle:
     tuned_id: str | None = None
     bf16: bool = False
     engine: str = "torch"
+    temperature: float = 1.0
+    ood_threshold: float | None = None
     train_config: dict[str, Any] = field(default_factory=dict)
     florist_version: str | None = None
 
@@ -73,6 +80,8 @@ class Bundle:
             "tuned_id": self.tuned_id,
             "bf16": self.bf16,
             "engine": self.engine,
+            "temperature": self.temperature,
+            "ood_threshold": self.ood_threshold,
             "train_config": self.train_config,
             "florist_version": self.florist_version,
         }
@@ -85,6 +94,11 @@ _OPTIONAL = tuple(f.name for f in fields(Bundle) if f.default is not MISSING or 
 def linear_head_spec(in_features: int, num_classes: int, dropout: float = 0.0) -> dict[str, Any]:
     """The ``head`` entry of ``model.json`` for florist's linear classifier."""
     return {"type": "linear", "in_features": int(in_features), "num_classes": int(num_classes), "dropout": dropout}
+
+
+def head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head's own tensors among a bundle's (not the tuned backbone's, not the detector's)."""
+    return {k: v for k, v in state.items() if not k.startswith((BACKBONE_PREFIX, OOD_PREFIX))}
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:

@@ -42,6 +42,12 @@ Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or summary l
 Engine = typer.Option(
     "auto", help="Run folders: what computes the network (openvino, onnxruntime, torch); auto: the one it was trained with."
 )
+OodThreshold = typer.Option(
+    None,
+    "--ood-threshold",
+    help="Answer 'unknown' when an image's ood_score is above this (default: the run's own, chosen to "
+    "accept 95% of held-out training photos).",
+)
 Seed = typer.Option(0, help="Random seed for the split and the training (same seed + data = same model).")
 EvalFraction = typer.Option(0.2, help="Share of each class held out for evaluation.")
 TrainPerClass = typer.Option(
@@ -269,16 +275,23 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (local or URLs)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
-    csv_out: bool = typer.Option(False, "--csv", help="CSV: path, label, probability, error."),
+    csv_out: bool = typer.Option(
+        False, "--csv", help="CSV: path, rank, label, probability, error, ood_score, unknown."
+    ),
+    ood_threshold: Optional[float] = OodThreshold,
     engine: str = Engine,
     quiet: bool = Quiet,
 ) -> None:
-    """Classify images; unreadable files get an error entry and exit status 1. An exported model runs without torch."""
+    """Classify images; unreadable files get an error entry and exit status 1. An exported model runs without torch.
+
+    A run folder also scores how unlike its training classes each image is (ood_score) and
+    answers "unknown" above its threshold; exported files give the classes only.
+    """
     from .loader import load
 
     _setup_logging(quiet)
     model = load(run_dir, engine=engine)
-    predictions = model.predict(inputs, top_k=top_k)
+    predictions = model.predict(inputs, top_k=top_k, ood_threshold=ood_threshold)
     if json_out:
         for p in predictions:
             sys.stdout.write(json_text(p.to_dict()) + "\n")
@@ -286,16 +299,19 @@ def predict(
         rows = []
         for p in predictions:
             if p.error:
-                rows.append([p.path, "", "", "", p.error])
+                rows.append([p.path, "", "", "", p.error, "", ""])
+            ood = ["" if p.ood_score is None else f"{p.ood_score:.6g}", "" if p.unknown is None else p.unknown]
             for rank, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1):
-                rows.append([p.path, rank, label, f"{prob:.6f}", ""])
-        write_csv(sys.stdout, ["path", "rank", "label", "probability", "error"], rows)
+                rows.append([p.path, rank, label, f"{prob:.6f}", "", *ood])
+        write_csv(sys.stdout, ["path", "rank", "label", "probability", "error", "ood_score", "unknown"], rows)
     else:
         table = Table("image", "top classes")
         for p in predictions:
             text = p.error and f"[red]{escape(p.error)}[/red]" or ", ".join(
                 f"{escape(label)} {prob:.1%}" for label, prob in zip(p.labels, p.probabilities)
             )
+            if p.unknown:
+                text = f"[yellow]unknown[/yellow] (unlike the training photos; nearest: {text})"
             table.add_row(escape(p.path), text)
         out.print(table)
     if any(p.error for p in predictions):

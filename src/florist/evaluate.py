@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import remote
+from .calibration import expected_calibration_error
 from .data import scan
 from .errors import FloristError
 from .progress import ProgressFn
@@ -45,7 +46,7 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
     """Metrics as plain JSON-ready data.
 
     Returns:
-        ``{"n", "top1", "top5", "per_class": {name: {precision, recall, f1, support}},
+        ``{"n", "top1", "top5", "ece" (expected calibration error, 15 bins), "per_class": {name: {precision, recall, f1, support}},
         "macro_f1", "confusion_matrix": [[...]] (rows = true, columns = predicted), "classes"}``
     """
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -62,6 +63,7 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
         "n": int(len(y_true)),
         "top1": top_k_accuracy(y_true, probs, 1),
         "top5": top_k_accuracy(y_true, probs, 5),
+        "ece": expected_calibration_error(probs, y_true),
         "macro_f1": float(np.mean(f1)),
         "per_class": {
             name: {

@@ -19,14 +19,17 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, state_id
-from .bundle import BACKBONE_PREFIX, Bundle, build_head
+from .bundle import BACKBONE_PREFIX, Bundle, build_head, head_state
+from .calibration import apply_temperature
 from .engines import supports_bf16, usable_engine
 from .errors import FloristError
 from .features import FeatureResult, extract_concat, merged_errors
 from .inputs import expand_inputs
+from .ood import OodDetector
 from .prediction import Prediction, rank
 from .progress import ProgressFn
 from .remote import default_cache_dir
+from .runtime import refuse_ood_threshold
 
 
 class Classifier:
@@ -37,6 +40,9 @@ class Classifier:
     Attributes:
         tta_views: views whose probabilities are averaged at prediction time
             (``["clean", "flip"]`` = centre crop plus its mirror image).
+        temperature: calibrates the averaged probabilities (see :mod:`florist.calibration`).
+        ood: the out-of-distribution detector (see :mod:`florist.ood`), or None for runs without one.
+        reference: the backbones whose clean-view features ``ood`` scores (pretrained weights).
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class Classifier:
         classes: Sequence[str],
         *,
         tta_views: Sequence[str] = ("clean",),
+        temperature: float = 1.0,
         bundle: Bundle | None = None,
     ):
         self.backbones = [backbones] if isinstance(backbones, Backbone) else list(backbones)
@@ -53,7 +60,10 @@ class Classifier:
         self.head = head.eval()
         self.classes = list(classes)
         self.tta_views = list(tta_views)
+        self.temperature = float(temperature)
         self.bundle = bundle
+        self.ood: OodDetector | None = None
+        self.reference: list[Backbone] = self.backbones
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, engine: str | None = None) -> "Classifier":
@@ -73,13 +83,20 @@ class Classifier:
             backbone.model.load_state_dict(tuned, strict=False)
             backbone.tuned_id = bundle.tuned_id or state_id(tuned)
         head = build_head(bundle.head)
-        head.load_state_dict({k: v for k, v in bundle.state.items() if not k.startswith(BACKBONE_PREFIX)})
-        return cls(backbones, head, bundle.classes, tta_views=bundle.tta_views, bundle=bundle)
+        head.load_state_dict(head_state(bundle.state))
+        model = cls(backbones, head, bundle.classes, tta_views=bundle.tta_views, temperature=bundle.temperature, bundle=bundle)
+        model.ood = OodDetector.from_state(bundle.state, bundle.ood_threshold)
+        if tuned and model.ood is not None:  # the detector scores the pretrained network's features
+            model.reference = [create_backbone(spec=spec) for spec in bundle.backbones]
+            for ref, b in zip(model.reference, backbones):
+                ref.bf16, ref.engine, ref.data_config = b.bf16, b.engine, b.data_config
+        return model
 
     def probabilities_from_views(self, views: dict[str, FeatureResult]) -> tuple[np.ndarray, dict[int, str]]:
         """Average the probabilities of :attr:`tta_views`; rows of unreadable images are NaN."""
         errors = merged_errors(views[v] for v in self.tta_views)
         probs = average_probabilities(self.head, [views[v].features for v in self.tta_views])
+        probs = apply_temperature(probs, self.temperature)
         probs[list(errors)] = np.nan
         return probs, errors
 
@@ -91,13 +108,27 @@ class Classifier:
         cache: bool = False,
         progress: ProgressFn | None = None,
     ) -> tuple[np.ndarray, dict[int, str]]:
-        """Probabilities ``[N, classes]`` for image files and index -> error for unreadable ones.
+        """Calibrated probabilities ``[N, classes]`` for image files and index -> error for unreadable ones.
 
         Args:
             shas: known content hashes, so cached features can be used without reading files.
             cache: read and fill the feature cache (worth it for repeated evaluation).
         """
-        views = extract_concat(
+        return self.probabilities_from_views(self._views(paths, shas, cache, progress))
+
+    def ood_scores(
+        self, paths: Sequence[str | Path], *, shas: Sequence[str | None] | None = None, cache: bool = False
+    ) -> np.ndarray | None:
+        """Out-of-distribution score per image (higher = less like the training classes; NaN if unreadable).
+
+        None for a run trained without a detector.
+        """
+        return self._ood_scores(paths, None, shas, cache)
+
+    def _views(
+        self, paths: Sequence[str | Path], shas: Sequence[str | None] | None, cache: bool, progress: ProgressFn | None
+    ) -> dict[str, FeatureResult]:
+        return extract_concat(
             self.backbones,
             paths,
             self.tta_views,
@@ -105,21 +136,58 @@ class Classifier:
             cache_root=default_cache_dir() if cache else None,
             progress_for=(lambda view: nullcontext(progress)) if progress else None,
         )
-        return self.probabilities_from_views(views)
+
+    def _ood_scores(
+        self,
+        paths: Sequence[str | Path],
+        views: dict[str, FeatureResult] | None,
+        shas: Sequence[str | None] | None = None,
+        cache: bool = False,
+    ) -> np.ndarray | None:
+        """Scores of the reference features: the clean view already in ``views`` when the backbones are untuned.
+
+        A run that tuned its backbone needs one more pass, of the pretrained network over the clean view.
+        """
+        if self.ood is None:
+            return None
+        if views is not None and self.reference is self.backbones:
+            result = views["clean"]
+        else:
+            (result,) = extract_concat(
+                self.reference, paths, ["clean"], shas=shas, cache_root=default_cache_dir() if cache else None
+            ).values()
+        scores = self.ood.score(result.features)
+        scores[list(result.errors)] = np.nan
+        return scores
 
     def predict(
-        self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
+        self,
+        inputs: Iterable[str | Path],
+        top_k: int = 5,
+        progress: ProgressFn | None = None,
+        *,
+        ood_threshold: float | None = None,
     ) -> list[Prediction]:
         """Top-``k`` predictions for files, folders (recursive) or glob patterns, local or URLs.
 
         A file that is not a usable image gets a :class:`Prediction` with ``error`` set;
         it never stops the others. Remote files are fetched first (see :mod:`florist.remote`);
-        predictions name them by URL.
+        predictions name them by URL. Each carries its ``ood_score`` and whether it is
+        ``unknown`` (score above ``ood_threshold``, default the run's own) when the run has a detector.
         """
+        refuse_ood_threshold(ood_threshold, has_detector=self.ood is not None)
         pairs = expand_inputs(inputs)  # (name as given, local file)
         names, paths = [name for name, _ in pairs], [path for _, path in pairs]
-        probs, errors = self.predict_proba(paths, progress=progress)
-        return rank(names, probs, errors, self.classes, top_k)
+        views = self._views(paths, None, False, progress)
+        probs, errors = self.probabilities_from_views(views)
+        scores = self._ood_scores(paths, views)
+        threshold = self.ood_threshold if ood_threshold is None else ood_threshold
+        return rank(names, probs, errors, self.classes, top_k, ood=scores, threshold=threshold)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The stored threshold of the "unknown" answer (None: no detector, or too few photos to choose one)."""
+        return self.ood.threshold if self.ood is not None else None
 
 
 @torch.inference_mode()

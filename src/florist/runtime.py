@@ -127,12 +127,30 @@ class ArrayClassifier:
         return probs, errors
 
     def predict(
-        self, inputs: Iterable[str | Path], top_k: int = 5, progress: ProgressFn | None = None
+        self,
+        inputs: Iterable[str | Path],
+        top_k: int = 5,
+        progress: ProgressFn | None = None,
+        *,
+        ood_threshold: float | None = None,
     ) -> list[Prediction]:
-        """Top-``k`` predictions for files, folders (recursive) or glob patterns (as ``Classifier.predict``)."""
+        """Top-``k`` predictions for files, folders (recursive) or glob patterns (as ``Classifier.predict``).
+
+        Exported graphs give the classes only: an ``ood_threshold`` is refused.
+        """
+        refuse_ood_threshold(ood_threshold, has_detector=False)
         pairs = expand_inputs(inputs)  # (name as given, local file)
         probs, errors = self.predict_proba([path for _, path in pairs], progress=progress)
         return rank([name for name, _ in pairs], probs, errors, self.classes, top_k)
+
+
+def refuse_ood_threshold(threshold: float | None, *, has_detector: bool) -> None:
+    """Refuse an ``ood_threshold`` for a model that has no detector (an exported file, or an older run)."""
+    if threshold is not None and not has_detector:
+        raise FloristError(
+            "--ood-threshold needs a run folder trained with an out-of-distribution detector; "
+            "exported models give the classes only"
+        )
 
 
 def read_metadata(meta: dict[str, Any], source: str) -> tuple[list[str], list[ModelInput], dict[str, Any]]:

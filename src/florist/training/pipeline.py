@@ -27,6 +27,7 @@ from .. import distributed as dist
 from .. import remote
 from ..backbones import Backbone, create_backbone, state_id
 from ..bundle import BACKBONE_PREFIX, Bundle, is_complete, linear_head_spec, save_bundle
+from ..calibration import apply_temperature
 from ..data import Item, Prepared, Skipped, check_memo_file, prepare, write_manifests
 from ..devices import pick_device, uses_bf16
 from ..engines import resolve_engine, supports_bf16
@@ -43,6 +44,7 @@ from ..version import __version__
 from .loop import Board
 from .registry import get_mode, resolve
 from .settings import TrainConfig
+from .trust import Trust, fit_trust
 
 log = logging.getLogger("florist")
 
@@ -61,6 +63,7 @@ class Job:
     verbose: bool
     resume: bool
     timings: dict[str, float]
+    initial_state: list[dict[str, torch.Tensor]] = field(default_factory=list)  # backbones before the fit
 
 
 @dataclass
@@ -198,9 +201,13 @@ def _train(
     from ..report import Board as TensorBoard
 
     with TensorBoard(out / TENSORBOARD, prepared.classes) if dist.is_main() else nullcontext() as board:
-        job = Job(backbones, prepared, cfg, out, cache_root, device, board, verbose, resume, timings)
+        initial = [{k: v.clone() for k, v in b.model.state_dict().items()} for b in backbones]
+        job = Job(backbones, prepared, cfg, out, cache_root, device, board, verbose, resume, timings, initial)
         fitted = get_mode(cfg.mode).fit(job)
-    model = _classifier(backbones, fitted, prepared.classes, cfg)
+        trust = fit_trust(job, fitted, reference_backbones(backbones, fitted, cfg, device))
+    fitted.eval_probs = apply_temperature(fitted.eval_probs, trust.temperature)
+    fitted.extra_metrics.update(trust.metrics)
+    model = _classifier(backbones, fitted, prepared.classes, cfg, trust)
     if not dist.is_main():
         dist.barrier()  # rank 0 writes the run folder
         return model
@@ -213,7 +220,7 @@ def _train(
     atomic_write_json(out / METRICS_JSON, metrics)
     used = fitted.train + fitted.eval
     atomic_write_json(out / RUN_JSON, run_info(data_dir, prepared.classes, used, cfg.to_dict()))
-    model.bundle = _bundle(backbones, fitted, prepared.classes, cfg)
+    model.bundle = _bundle(backbones, fitted, prepared.classes, cfg, trust)
     save_bundle(out, model.bundle)  # model.json last: the run is complete from here on
     (out / CHECKPOINT).unlink(missing_ok=True)  # nothing left to resume
     dist.barrier()
@@ -253,8 +260,10 @@ def _metrics(fitted: Fitted, prepared: Prepared, cfg: TrainConfig, timings: dict
     return metrics
 
 
-def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig) -> Bundle:
+def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig, trust: Trust) -> Bundle:
     state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
+    if trust.detector is not None:
+        state.update(trust.detector.state())
     return Bundle(
         classes=classes,
         backbones=[b.spec for b in backbones],
@@ -265,16 +274,29 @@ def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: 
         tuned_id=backbones[0].tuned_id,
         bf16=backbones[0].bf16,
         engine=backbones[0].engine,
+        temperature=trust.temperature,
+        ood_threshold=trust.detector.threshold if trust.detector else None,
         train_config=cfg.to_dict(),
         florist_version=__version__,
     )
 
 
-def _classifier(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig) -> Classifier:
+def _classifier(
+    backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig, trust: Trust
+) -> Classifier:
     """The trained model as a :class:`Classifier` (marking a tuned backbone for the feature cache)."""
     if fitted.backbone_state:
         backbones[0].tuned_id = state_id(fitted.backbone_state)
-    return Classifier(backbones, fitted.head, classes, tta_views=cfg.tta_views)
+    model = Classifier(backbones, fitted.head, classes, tta_views=cfg.tta_views, temperature=trust.temperature)
+    model.ood = trust.detector
+    return model
+
+
+def reference_backbones(
+    backbones: list[Backbone], fitted: Fitted, cfg: TrainConfig, device: torch.device
+) -> list[Backbone]:
+    """The backbones with their pretrained weights, for the detector: the run's own when it tuned none."""
+    return create_backbones(cfg, device) if fitted.backbone_state else backbones
 
 
 # ---------------------------------------------------------------------------

@@ -157,6 +157,10 @@ class TrainConfig:
         "crops with colour jitter.", at_least(0),
     )
     tta: bool = setting(True, "Average the predictions of each image and its mirror.")
+    calibration_folds: int | None = setting(
+        None, "Cross-fit the mode's recipe on this many folds of the training part to calibrate its "
+        "probabilities (temperature scaling on the held-out predictions); 0 = off.", at_least(0),
+    )
     seed: int = setting(0, "Random seed of the split and the training (same seed + same data = same model).")
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, "Refuse images whose header claims more pixels than this (decompression bombs).",

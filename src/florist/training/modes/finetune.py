@@ -156,6 +156,7 @@ MODE = register(
             "device": "auto",
             "label_smoothing": 0.1,
             "weight_decay": 0.05,
+            "calibration_folds": 0,  # each fold would be a whole fine-tune; ask for it with --calibration-folds
         },
         fit=fit,
         order=2,

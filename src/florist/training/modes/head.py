@@ -59,6 +59,7 @@ MODE = register(
             "decay_steps": 100,
             "label_smoothing": 0.0,
             "weight_decay": 0.0,
+            "calibration_folds": 5,
         },
         fit=fit,
         order=0,

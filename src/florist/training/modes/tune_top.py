@@ -99,6 +99,7 @@ MODE = register(
             "warmup": 0.1,
             "label_smoothing": 0.1,
             "weight_decay": 0.01,
+            "calibration_folds": 3,
         },
         fit=fit,
         order=1,

@@ -1,0 +1,148 @@
+"""After the fit: the temperature that calibrates the run, and the detector behind its "unknown" answer.
+
+Both must be chosen on photos the model did not learn from, and neither may use
+the eval split (it only measures). The temperature comes from *cross-fitting*:
+the mode's own ``fit`` trains on ``k - 1`` folds of the training part and predicts
+the k-th, so the held-out probabilities come from the very recipe being
+calibrated. With cached features or activations a fold costs what the final fit
+costs, minus the feature pass (head: seconds; tune-top: about half a minute per
+fold on a 2-core CPU). The out-of-distribution detector needs no re-training: it
+scores the frozen backbone's features (see :mod:`florist.ood`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..calibration import apply_temperature, expected_calibration_error, fit_temperature
+from ..data import Item, Prepared
+from ..features import extract_concat
+from ..ood import SCORE_NAME, OodDetector, fit_detector
+from ..progress import progress_bar
+from .registry import get_mode
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
+    from .pipeline import Fitted, Job
+
+
+@dataclass
+class Trust:
+    """What :func:`fit_trust` adds to a run: the temperature, the detector and their figures for metrics.json."""
+
+    temperature: float
+    detector: OodDetector | None
+    metrics: dict[str, Any]
+
+
+def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
+    """Calibrate ``fitted`` by cross-fitting, and fit the out-of-distribution detector on ``reference`` features.
+
+    Args:
+        job: the run's job; its backbones hold the fitted model's weights, and hold them again on return.
+        fitted: the final fit.
+        reference: the backbones with their ImageNet weights, for the detector's features.
+    """
+    from .pipeline import labels
+
+    t = time.perf_counter()
+    folds = job.cfg.calibration_folds or 0
+    metrics: dict[str, Any] = {}
+    temperature = 1.0
+    if folds >= 2:
+        held_probs, held_y = cross_fit(job, folds)
+        temperature = fit_temperature(held_probs, held_y)
+        eval_y = labels(fitted.eval)
+        metrics["calibration"] = {
+            "method": "temperature",
+            "folds": folds,
+            "temperature": temperature,
+            "heldout_ece_before": expected_calibration_error(held_probs, held_y),
+            "heldout_ece_after": expected_calibration_error(apply_temperature(held_probs, temperature), held_y),
+            "ece_before": expected_calibration_error(fitted.eval_probs, eval_y) if len(eval_y) else None,
+            "ece_after": (
+                expected_calibration_error(apply_temperature(fitted.eval_probs, temperature), eval_y)
+                if len(eval_y)
+                else None
+            ),
+        }
+    job.timings["calibration_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    detector = _detector(job, fitted, reference)
+    job.timings["ood_s"] = time.perf_counter() - t
+    if detector is not None:
+        metrics["ood"] = {"score": SCORE_NAME, "threshold": detector.threshold}
+        if fitted.eval and detector.threshold is not None:
+            scores = detector.score(reference_features(job, reference, fitted.eval))
+            metrics["ood"]["eval_accepted"] = float(np.mean(~detector.unknown(scores)))
+    return Trust(temperature, detector, metrics)
+
+
+def _folds(items: list[Item], folds: int, seed: int) -> list[np.ndarray]:
+    """Stratified fold index of every training item (fewer folds when a class is smaller)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array([it.label for it in items])
+    k = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))
+    return [held for _, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)]
+
+
+def cross_fit(job: Job, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out probabilities of the training photos: the mode's ``fit`` on each k-1 folds, predicting the k-th.
+
+    Returns:
+        ``[N, classes]`` probabilities and ``[N]`` labels of the held-out photos (failed ones left out).
+    """
+    train = job.prepared.train
+    nets = [b.model for b in job.backbones]
+    fitted_state = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
+    probs, ys = [], []
+    parts = _folds(train, folds, job.cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="florist-fold-") as scratch, progress_bar(
+        "Calibrating (cross-fit)", enabled=job.verbose, unit="folds"
+    ) as bar:
+        for done, held in enumerate(parts):
+            bar(done, len(parts))
+            for net, state in zip(nets, job.initial_state):
+                net.load_state_dict(state)
+            inside = np.setdiff1d(np.arange(len(train)), held)
+            sub = replace(
+                job,
+                prepared=Prepared(job.prepared.classes, [train[i] for i in inside], [train[i] for i in held]),
+                out=Path(scratch),
+                board=None,
+                verbose=False,
+                resume=False,
+                timings={},
+            )
+            result = get_mode(job.cfg.mode).fit(sub)
+            probs.append(result.eval_probs)
+            ys.append(np.array([it.label for it in result.eval], dtype=np.int64))
+        bar(len(parts), len(parts))
+    for net, state in zip(nets, fitted_state):
+        net.load_state_dict(state)
+    return np.concatenate(probs), np.concatenate(ys)
+
+
+def reference_features(job: Job, reference: list[Backbone], items: list[Item]) -> np.ndarray:
+    """The reference backbones' pooled features of the clean view (cached; failed images give zeros)."""
+    result = extract_concat(
+        reference, [it.path for it in items], ["clean"], shas=[it.sha256 for it in items],
+        cache_root=job.cache_root, seed=job.cfg.seed,
+    )["clean"]  # fmt: skip
+    return result.features.astype(np.float32)
+
+
+def _detector(job: Job, fitted: Fitted, reference: list[Backbone]) -> OodDetector | None:
+    if len(fitted.train) < 2:
+        return None
+    with torch.inference_mode():
+        features = reference_features(job, reference, fitted.train)
+    return fit_detector(features, np.array([it.label for it in fitted.train]), seed=job.cfg.seed)
