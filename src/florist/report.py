@@ -35,7 +35,6 @@ from .bundle import is_complete
 from .data import BadImage, Item, duplicate_groups, load_image, read_labels, read_manifest
 from .errors import FloristError
 from .files import atomic_write_bytes, atomic_write_csv, atomic_write_text, read_csv
-from .tfrecord import read_image_bytes
 from .runfiles import (
     CONFUSION_PNG,
     CURVES_PNG,
@@ -49,6 +48,7 @@ from .runfiles import (
     TENSORBOARD,
     TRAIN_CSV,
 )
+from .tfrecord import read_image_bytes
 
 log = logging.getLogger("florist")
 
