@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from florist.cli import app
 
 runner = CliRunner()
-COMMANDS = ["prepare", "train", "evaluate", "predict", "download", "export", "serve"]
+COMMANDS = ["prepare", "train", "evaluate", "predict", "explain", "download", "export", "serve"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

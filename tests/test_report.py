@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 import florist
 from florist.cli import app
 from florist.files import read_csv
-from florist.report import ConfusionFigure, confused_pairs, find_chromium, screenshot
+from florist.report import HEATMAPS, ConfusionFigure, confused_pairs, find_chromium, screenshot, write_report
 
 runner = CliRunner()
 #: Two classes drawn from the same grey noise (so the model must confuse them) and one red;
@@ -61,12 +63,43 @@ def test_gallery_shows_each_misclassified_eval_image(mixed_run: Path) -> None:
     assert wrong, "the two grey classes should be confused"
     page = _page(mixed_run)
     assert f"Misclassified eval images ({len(wrong)})" in page
-    assert page.count('src="data:image/jpeg;base64,') == len(wrong)
+    assert page.count('src="data:image/jpeg;base64,') == len(wrong) + min(len(wrong), HEATMAPS)  # thumbnail, heatmap
     data_dir = json.loads((mixed_run / "run.json").read_text())["data_dir"]
     for r in wrong:
         assert html.escape(str(Path(r["path"]).relative_to(data_dir))) in page
         predicted = html.escape(r["predicted"])
         assert f'predicted <span class="pred">{predicted}</span> ({float(r["probability"]):.0%})' in page
+
+
+def test_misclassified_images_get_a_heatmap_of_the_wrong_answer(mixed_run: Path) -> None:
+    wrong = [r for r in read_csv(mixed_run / "eval_predictions.csv") if r["label"] != r["predicted"]]
+    heat = re.findall(r'<img class="heatmap" alt="heatmap of ([^"]*) in [^"]*" src="data:image/jpeg;base64,([^"]+)"', _page(mixed_run))
+    assert len(heat) == min(len(wrong), HEATMAPS) > 0
+    by_confidence = sorted(wrong, key=lambda r: -float(r["probability"]))
+    assert [html.unescape(label) for label, _ in heat] == [r["predicted"] for r in by_confidence[: len(heat)]]
+    side = json.loads((mixed_run / "model.json").read_text())["preprocessing"][0]["input_size"][-1]
+    for _, data in heat:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            assert image.format == "JPEG" and image.size == (side, side)
+            assert np.asarray(image.convert("RGB")).std() > 5  # a picture, not a blank
+
+
+def test_a_report_without_heatmaps_when_they_cannot_be_computed(
+    mixed_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from florist.explain import Explainer
+
+    def refuse(run: Path) -> Explainer:
+        raise RuntimeError("no gradients today")
+
+    run = tmp_path / "copy"
+    shutil.copytree(mixed_run, run)
+    monkeypatch.setattr(Explainer, "from_run", refuse)
+    with caplog.at_level("WARNING", logger="florist"):
+        page = write_report(run).read_text(encoding="utf-8")
+    assert "report.html has no heatmaps: no gradients today" in caplog.text
+    assert 'class="heatmap"' not in page and "Misclassified eval images" in page
+    assert page.count('src="data:image/jpeg;base64,') == len(re.findall(r'<figure>', page))  # thumbnails only
 
 
 def test_skipped_files_and_confused_pairs_are_listed(mixed_run: Path) -> None:

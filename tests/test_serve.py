@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import threading
 from pathlib import Path
 
 import httpx
 import images as im  # tests/images.py
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import florist
 from florist.export import GraphClassifier
@@ -80,6 +84,27 @@ def test_both_back_ends_agree(trained_run: Path, exported_onnx: Path, photos: Pa
     )
     for a, b in zip(answers["pytorch"], answers["onnx"]):
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_a_run_folder_answers_with_a_heatmap_when_asked(
+    trained_run: Path, onnx_client: TestClient, photos: Path
+) -> None:
+    """``?heatmap=1``: a run folder adds a base64 PNG of the crop its answer came from; an exported file cannot."""
+    red = photo(photos, "red", 2).read_bytes()
+    with TestClient(create_app(load_model(trained_run))) as client:
+        plain = client.post("/predict", files={"file": ("r.jpg", red)}).json()
+        asked = client.post("/predict?heatmap=1", files={"file": ("r.jpg", red)}).json()
+        mirrored = Image.open(io.BytesIO(red)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        other = client.post("/predict?heatmap=true", files={"file": ("m.png", im.encode(mirrored))}).json()
+    assert "heatmap" not in plain
+    assert asked["label"] == plain["label"] == "red" and asked["top_k"] == plain["top_k"]
+    side = 160  # the tiny net's input
+    with Image.open(io.BytesIO(base64.b64decode(asked["heatmap"]))) as png:
+        assert png.format == "PNG" and png.size == (side, side)
+        shown = np.asarray(png.convert("RGB"))
+    assert shown.std() > 5 and not np.array_equal(shown, np.asarray(Image.open(io.BytesIO(base64.b64decode(other["heatmap"])))))
+    onnx = onnx_client.post("/predict?heatmap=1", files={"file": ("r.jpg", red)})
+    assert onnx.status_code == 200 and onnx.json()["label"] == "red" and "heatmap" not in onnx.json()
 
 
 @pytest.mark.parametrize(

@@ -49,16 +49,32 @@ def server(exported_onnx: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def page(server: str):
+def browser():
     _require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 900, "height": 700})
-        page.set_default_timeout(30_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def new_page(browser):
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    page.set_default_timeout(30_000)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(server: str, browser):
+    return new_page(browser)
+
+
+@pytest.fixture(scope="module")
+def run_server(trained_run: Path) -> Iterator[str]:
+    """`florist serve RUN_FOLDER`: the back end that can draw heatmaps."""
+    with florist_serve(trained_run) as running:
+        yield running.url
 
 
 def open_page(page, server: str) -> None:
@@ -82,8 +98,29 @@ def test_page_classifies_a_picked_photo(page, server: str, photos: Path) -> None
     assert top == "red"
     assert [label for label, _ in bars][0] == "red" and len(bars) == 3
     assert page.evaluate("document.getElementById('preview').naturalWidth") > 0  # the photo is shown
+    assert not page.is_visible("#heatmap")  # an exported model has no gradients: no heatmap, no error
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+
+
+def test_page_shows_the_heatmap_of_a_run_folders_answer(browser, run_server: str, photos: Path) -> None:
+    page = new_page(browser)
+    open_page(page, run_server)
+    page.set_input_files("#file", str(sorted((photos / "blue").iterdir())[0]))
+    top, _ = shown_result(page)
+    assert top == "blue"
+    page.wait_for_function("document.getElementById('heatmap').complete && document.getElementById('heatmap').naturalWidth > 0")
+    assert page.is_visible("#heatmap")
+    size = page.evaluate("[document.getElementById('heatmap').naturalWidth, document.getElementById('heatmap').naturalHeight]")
+    assert size == [160, 160]  # the tiny net's centre crop, decoded by the browser
+    assert "blue" in page.inner_text("#heat-caption")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-page-heatmap.png"), full_page=True)
+    first = page.get_attribute("#heatmap", "src")
+    page.set_input_files("#file", str(sorted((photos / "red").iterdir())[0]))
+    page.wait_for_function("document.getElementById('heat-caption').textContent.includes('red')")
+    assert page.inner_text("#top-label") == "red" and page.get_attribute("#heatmap", "src") != first
+    page.close()
 
 
 def test_page_classifies_a_dropped_real_flower(page, server: str, flower_photos: Path) -> None:

@@ -9,7 +9,8 @@ photos -> :mod:`~florist.data` (prepare) -> :mod:`~florist.features` (with
 :mod:`~florist.backbones`) -> :mod:`~florist.training` -> :mod:`~florist.bundle`
 -> :mod:`~florist.predict` / :mod:`~florist.evaluate` -> :mod:`~florist.export`
 -> :mod:`~florist.serve`; :mod:`~florist.report` shows a run as HTML and
-:mod:`~florist.audit` checks a photo folder before training.
+:mod:`~florist.audit` checks a photo folder before training; :mod:`~florist.explain`
+draws where the network looked (Grad-CAM heatmaps).
 
 An exported ``.onnx`` model needs no torch: :func:`load` on it, ``florist predict``
 and ``florist serve`` run it with ONNX Runtime, and this package imports without
@@ -33,6 +34,7 @@ from .version import __version__
 #: torch installed, only exported ONNX models can be used and these names raise ImportError.
 _NEEDS_TORCH = {
     "Classifier": "predict",
+    "Explainer": "explain",
     "create_backbone": "backbones",
     "train": "training.pipeline",
     "write_report": "report",
@@ -47,6 +49,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Classifier",
+    "Explainer",
     "FloristError",
     "Prediction",
     "TrainConfig",

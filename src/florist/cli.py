@@ -320,6 +320,42 @@ def predict(
 
 @app.command()
 @friendly_errors
+def explain(
+    run_dir: str = typer.Argument(..., help="A trained run folder (local path or URL); exported files have no gradients."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (local or URLs)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays: one <image name>.png per image."),
+    label: Optional[str] = typer.Option(None, help="Show where the network saw this class [default: its answer]."),
+    json_out: bool = typer.Option(False, "--json", help="JSON lines: one object per image."),
+    quiet: bool = Quiet,
+) -> None:
+    """Grad-CAM heatmaps: where in each image the network found its answer, as overlay PNGs; unreadable files exit 1."""
+    from .explain import Explainer
+    from .progress import progress_bar
+
+    _setup_logging(quiet)
+    explainer = Explainer.from_run(run_dir)
+    with progress_bar("Explaining", enabled=not quiet and not json_out) as bar:
+        heatmaps = explainer.explain(inputs, out_dir, target=label, progress=bar)
+    if json_out:
+        for h in heatmaps:
+            sys.stdout.write(json_text(h.to_dict()) + "\n")
+    else:
+        table = Table("image", "label", "probability", "heatmap")
+        for column in (table.columns[0], table.columns[3]):
+            column.overflow = "fold"  # a path is never cut short
+        for h in heatmaps:
+            if h.error:
+                table.add_row(escape(h.path), f"[red]{escape(h.error)}[/red]", "", "")
+                continue
+            shown = h.label if h.target == h.label else f"{h.label} (heat: {h.target} {h.target_probability:.1%})"
+            table.add_row(escape(h.path), escape(shown), f"{h.probability:.1%}", escape(str(h.png)))
+        out.print(table)
+    if any(h.error for h in heatmaps):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
 def download(
     dest: Optional[Path] = typer.Option(None, help="Folder to keep datasets in [default: $FLORIST_DATA or user cache]."),
     quiet: bool = Quiet,

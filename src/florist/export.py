@@ -87,7 +87,8 @@ class ExportGraph(nn.Module):
         self.bf16 = False
         self.eval()
 
-    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+    def logits(self, *pixels: torch.Tensor) -> torch.Tensor:
+        """The head's outputs before the softmax, ``[views * N, classes]`` view by view (what Grad-CAM differentiates)."""
         n_views = len(self.views)
         features = []
         for b, net in enumerate(self.nets):
@@ -96,8 +97,11 @@ class ExportGraph(nn.Module):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 features.append(net(x).float())
         merged = torch.cat(features, dim=1) if len(features) > 1 else features[0]
-        probs = self.head(merged).float().softmax(dim=1)
-        return probs.reshape(n_views, -1, probs.shape[1]).mean(dim=0)
+        return self.head(merged).float()
+
+    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+        probs = self.logits(*pixels).softmax(dim=1)
+        return probs.reshape(len(self.views), -1, probs.shape[1]).mean(dim=0)
 
 
 class ImageGraph(nn.Module):

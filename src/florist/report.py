@@ -6,7 +6,9 @@
 * ``confusion_matrix.png`` and ``curves.png`` (loss, train/eval top-1 per epoch);
 * ``report.html``: one self-contained page (plots and thumbnails embedded as
   base64) with the run summary, per-class table, confusion matrix, curves, the
-  most confused pairs, a gallery of misclassified eval images and the skipped files.
+  most confused pairs, a gallery of misclassified eval images (the most confident
+  mistakes with a Grad-CAM heatmap of the wrong answer, see :mod:`florist.explain`)
+  and the skipped files.
 
 :func:`finish_run` is what training calls once the bundle is saved: it keeps the
 eval predictions it already computed (``eval_predictions.csv``, so the report
@@ -46,6 +48,7 @@ from .runfiles import (
     TENSORBOARD,
     TRAIN_CSV,
 )
+from .tfrecord import read_image_bytes
 
 log = logging.getLogger("florist")
 
@@ -54,6 +57,8 @@ log = logging.getLogger("florist")
 GALLERY_SIZE = 48
 #: Longest side of a gallery thumbnail, in pixels.
 THUMB_PX = 200
+#: Misclassified images given a heatmap (the first of the gallery): each costs a forward and backward pass.
+HEATMAPS = 24
 #: Rows in the "most confused pairs" table.
 TOP_PAIRS = 10
 #: Training images per class shown in TensorBoard, in every view the network was trained on.
@@ -236,6 +241,33 @@ def _thumbnail(path: str) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _add_heatmaps(run: Path, gallery: list[dict[str, Any]]) -> None:
+    """Give the first :data:`HEATMAPS` gallery entries ``heat``: a base64 JPEG of where the network saw its wrong answer.
+
+    JPEG, as the thumbnails: a PNG overlay of a 224-pixel crop is 7x the size. A run whose
+    network cannot give heatmaps (several backbones; torch or captum missing) or any failure
+    leaves the gallery without them, with a warning: a report, and the training run that
+    writes it at its end, never fails for want of a heatmap.
+    """
+    shown = gallery[:HEATMAPS]
+    if not shown:
+        return
+    try:
+        from .explain import Explainer
+
+        explainer = Explainer.from_run(run)
+        for g in shown:
+            try:
+                heatmap = explainer.explain_bytes(read_image_bytes(g["path"]), g["file"], target=g["predicted"])
+            except BadImage:
+                continue  # its thumbnail says why
+            g["heat"] = base64.b64encode(heatmap.encoded("JPEG", quality=85)).decode("ascii")
+    except Exception as e:  # see above: anything, logged
+        for g in shown:
+            g.pop("heat", None)
+        log.warning("report.html has no heatmaps: %s", str(e) or type(e).__name__)
+
+
 def _rel(path: str, root: str | None) -> str:
     if root:
         try:
@@ -415,6 +447,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not is_complete(run):
         raise FloristError(f"no finished model in {run} (model.json missing): train first")
     context = _context(run)
+    _add_heatmaps(run, context["gallery"])
     metrics = context["metrics"]
     context["confusion_png"] = context["curves_png"] = None
     if "confusion_matrix" in metrics:

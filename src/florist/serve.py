@@ -7,8 +7,11 @@
 
 Endpoints: ``POST /predict`` (an image as multipart field ``file`` or as the raw
 request body; JSON top-k labels and probabilities), ``GET /labels``,
-``GET /health``, ``GET /`` (a self-contained page: drop or pick a photo, see it
-and its top-k bars) and the OpenAPI docs at ``/docs``.
+``GET /health``, ``GET /`` (a self-contained page: drop or pick a photo, see it,
+its top-k bars and, for a run folder, its heatmap) and the OpenAPI docs at ``/docs``.
+``POST /predict?heatmap=1`` adds ``heatmap``: a base64 PNG of where the network found
+its answer (:mod:`florist.explain`); only a run folder has the gradients, so an
+exported file answers without it.
 
 Bad input is always a 4xx JSON ``{"error": "..."}``, never a 500: bodies over the
 size limit get 413 (checked from ``Content-Length`` and while the body streams in),
@@ -25,8 +28,10 @@ model.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -70,6 +75,34 @@ def load_model(path: str | Path, engine: str | None = None) -> ArrayClassifier:
     from .export import GraphClassifier
 
     return GraphClassifier(model)
+
+
+class Heatmaps:
+    """Heatmap PNGs for a served run folder, its :class:`~florist.explain.Explainer` made on first use.
+
+    The explainer hooks the network it differentiates, so it gets its own copy of the
+    served graph (made once, when a heatmap is first asked for).
+    """
+
+    def __init__(self, model: ArrayClassifier):
+        self.model = model
+        self._explainer: Any = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available(model: ArrayClassifier) -> bool:
+        """Whether ``model`` is a run folder's graph (an exported file has no gradients)."""
+        return getattr(model, "graph", None) is not None
+
+    def png(self, data: bytes, label: str) -> str:
+        """Base64 PNG of the heatmap of ``label`` (the served answer) in an image's bytes."""
+        from .explain import Explainer
+
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = Explainer.of_graph(self.model.graph, self.model.classes)
+        heatmap = self._explainer.explain_bytes(data, target=label)
+        return base64.b64encode(heatmap.encoded()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------
@@ -214,6 +247,7 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
     if max_bytes < 1:
         raise FloristError(f"the request size limit must be positive, got {max_bytes} bytes")
     batcher = Batcher(model)
+    heatmaps = Heatmaps(model) if Heatmaps.available(model) else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -267,6 +301,9 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
         request: Request,
         file: UploadFile | None = File(None, description="The image (or send it as the raw body)."),
         top_k: int = Query(5, ge=1, le=1000, description="How many classes to return."),
+        heatmap: bool = Query(
+            False, description="Add `heatmap`: a base64 PNG of where the network found its answer (run folders only)."
+        ),
     ) -> dict[str, Any]:
         if file is not None:
             data, filename = await file.read(), file.filename or ""
@@ -287,6 +324,8 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
         probs = await batcher.probabilities(arrays)
         result = rank([filename], probs[None], {}, model.classes, top_k)[0].to_dict()
         result["filename"] = result.pop("path")
+        if heatmap and heatmaps is not None:
+            result["heatmap"] = await run_in_threadpool(heatmaps.png, data, result["label"])
         return result
 
     return app
