@@ -171,17 +171,18 @@ class SlowModel:
         self.model = model
         self.classes, self.inputs, self.backend = model.classes, model.inputs, "slow"
         self.max_pixels = model.max_pixels
+        self.has_ood, self.ood_threshold = model.has_ood, model.ood_threshold
         self.release = threading.Event()
         self.calls: list[int] = []
 
     def arrays(self, data: bytes):
         return self.model.arrays(data)
 
-    def probabilities_of(self, images):
+    def outputs_of(self, images):
         self.calls.append(len(images))
         if len(self.calls) == 1:
             assert self.release.wait(30)
-        return self.model.probabilities_of(images)
+        return self.model.outputs_of(images)
 
 
 def test_requests_queued_while_the_model_runs_are_batched(exported_onnx: Path, photos: Path) -> None:
@@ -212,15 +213,15 @@ def test_requests_queued_while_the_model_runs_are_batched(exported_onnx: Path, p
 
 def test_batcher_reports_model_failures_to_each_request(exported_onnx: Path) -> None:
     class Broken:
-        def probabilities_of(self, images):
+        def outputs_of(self, images):
             raise RuntimeError("model exploded")
 
     async def scenario() -> None:
         batcher = Batcher(Broken())  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match="exploded"):
-            await batcher.probabilities({})
+            await batcher.outputs({})
         with pytest.raises(RuntimeError, match="exploded"):  # the worker survived the first failure
-            await batcher.probabilities({})
+            await batcher.outputs({})
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -15,9 +15,12 @@ in predict, the server and every exported graph.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from scipy.optimize import minimize_scalar
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bins of the expected calibration error, as in Guo et al. (2017).
 ECE_BINS = 15
@@ -27,7 +30,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log(probs) / temperature)`` row by row; NaN rows (unreadable images) stay NaN."""
-    if temperature == 1.0:
+    if temperature == 1.0 or probs.size == 0:
         return probs
     logp = np.log(np.clip(probs, 1e-12, None)) / temperature
     logp -= logp.max(axis=1, keepdims=True)
@@ -35,7 +38,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (out / out.sum(axis=1, keepdims=True)).astype(probs.dtype)
 
 
-def temperature_scaled(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def temperature_scaled(probs: "torch.Tensor", temperature: float) -> "torch.Tensor":
     """:func:`apply_temperature` as torch operations, for the exported graphs."""
     if temperature == 1.0:
         return probs
@@ -50,6 +53,8 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimising the negative log-likelihood of held-out ``probs`` (``[N, C]``)."""
     if len(labels) == 0:
         return 1.0
+    from scipy.optimize import minimize_scalar
+
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(apply_temperature(probs, float(np.exp(log_t))), labels),

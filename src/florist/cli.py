@@ -510,6 +510,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_mb: float = typer.Option(20.0, help="Largest accepted request body, in megabytes."),
+    ood_threshold: Optional[float] = OodThreshold,
     engine: str = Engine,
     quiet: bool = Quiet,
 ) -> None:
@@ -518,7 +519,10 @@ def serve(
 
     _setup_logging(quiet)
     level = "warning" if quiet else "info"
-    run_serve(model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level=level, engine=engine)
+    run_serve(
+        model, host=host, port=port, max_bytes=int(max_mb * 1e6), log_level=level, engine=engine,
+        ood_threshold=ood_threshold,
+    )  # fmt: skip
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

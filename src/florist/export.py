@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from . import tflite
+from .calibration import temperature_scaled
 from .data import BadImage, Item, read_file, read_manifest
 from .engines import compile_frozen, convert_openvino, supports_bf16, trace_onnx
 from .errors import FloristError, SettingError, literal
@@ -71,7 +72,8 @@ class ExportGraph(nn.Module):
 
     ``forward`` takes one ``[N, 3, H, W]`` tensor per :class:`~florist.preprocess.ModelInput`,
     in :attr:`inputs` order (backbone by backbone, views in order). The views of one
-    backbone go through it as one batch; the probabilities of each view are averaged.
+    backbone go through it as one batch; the probabilities of each view are averaged,
+    then calibrated with the run's temperature (see :mod:`florist.calibration`).
 
     Attributes:
         bf16: run the backbones under bfloat16 autocast (as a run trained with
@@ -84,6 +86,7 @@ class ExportGraph(nn.Module):
         self.head = classifier.head
         self.views = list(classifier.tta_views)
         self.inputs = model_inputs([b.data_config for b in classifier.backbones], self.views)
+        self.temperature = classifier.temperature
         self.bf16 = False
         self.eval()
 
@@ -101,7 +104,7 @@ class ExportGraph(nn.Module):
 
     def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
         probs = self.logits(*pixels).softmax(dim=1)
-        return probs.reshape(len(self.views), -1, probs.shape[1]).mean(dim=0)
+        return temperature_scaled(probs.reshape(len(self.views), -1, probs.shape[1]).mean(dim=0), self.temperature)
 
 
 class ImageGraph(nn.Module):
@@ -156,9 +159,42 @@ class GraphClassifier(ArrayClassifier):
         self.classes = list(classifier.classes)
         self.inputs = self.graph.inputs
         self.tta_views = self.graph.views
+        self.ood_net = None
+        if classifier.ood is not None:
+            self.has_ood, self.ood_threshold = True, classifier.ood_threshold
+            self.ood_inputs = [s for s in self.inputs if s.view == "clean"]
+            ood_graph = OodGraph(classifier)
+            ood_graph.bf16 = self.graph.bf16
+            clean = [torch.zeros(1, *s.data_config["input_size"]) for s in self.ood_inputs]
+            self.ood_net = compile_frozen(ood_graph, clean, engine, bf16=bf16 and engine != "torch")
 
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.net(*(torch.from_numpy(batch[s.name]) for s in self.inputs))
+
+    def ood_scores(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        if self.ood_net is None:
+            return None
+        return self.ood_net(*(torch.from_numpy(batch[s.name]) for s in self.ood_inputs)).astype(np.float64)
+
+
+class OodGraph(nn.Module):
+    """The pretrained backbones on the clean view, then :meth:`florist.ood.OodDetector.score` as tensor operations."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        assert classifier.ood is not None
+        self.nets = nn.ModuleList([b.model for b in classifier.reference])
+        self.register_buffer("means", torch.from_numpy(classifier.ood.means).float())
+        self.register_buffer("precision", torch.from_numpy(classifier.ood.precision).float())
+        self.bf16 = False
+        self.eval()
+
+    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            features = [net(x).float() for net, x in zip(self.nets, pixels)]
+        x = nn.functional.normalize(torch.cat(features, dim=1), dim=1)
+        centred = x[:, None, :] - self.means[None]
+        return torch.einsum("ncd,de,nce->nc", centred, self.precision, centred).min(dim=1).values
 
 
 #: What the server reports as its back end, by engine.

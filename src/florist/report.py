@@ -215,6 +215,36 @@ def curves_png(history: dict[str, list[float]]) -> bytes:
     return _png(fig)
 
 
+def reliability_png(probs: np.ndarray, labels: np.ndarray, temperature: float) -> bytes:
+    """Reliability diagram of the eval split: accuracy against confidence per bin, before and after calibration.
+
+    ``probs`` are the calibrated probabilities; the uncalibrated ones are recovered exactly by
+    the inverse temperature (``softmax(T * log p)``).
+    """
+    import matplotlib.pyplot as plt
+
+    from .calibration import apply_temperature, expected_calibration_error, reliability
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=100)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    curves = [("after", probs, "tab:blue")]
+    if temperature != 1.0:
+        curves.insert(0, ("before", apply_temperature(probs, 1 / temperature), "tab:orange"))
+    for name, p, colour in curves:
+        bins = reliability(p, labels)
+        ece = expected_calibration_error(p, labels)
+        ax.plot(
+            [b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour,
+            label=f"{name} (ECE {ece:.3f})",
+        )  # fmt: skip
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (top probability)", ylabel="accuracy")
+    ax.set_title(f"Reliability, eval split (temperature {temperature:.3g})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ---------------------------------------------------------------------------
 # The HTML page
 # ---------------------------------------------------------------------------
@@ -417,6 +447,10 @@ def _context(run: Path) -> dict[str, Any]:
         "florist_version": model.get("florist_version", ""),
         "metrics": metrics,
         "classes": classes,
+        "temperature": model.get("temperature", 1.0),
+        "calibration": metrics.get("calibration"),
+        "ood": metrics.get("ood"),
+        "eval_predictions": (items, probs),
     }
 
 
@@ -449,7 +483,7 @@ def write_report(run_dir: str | Path) -> Path:
     context = _context(run)
     _add_heatmaps(run, context["gallery"])
     metrics = context["metrics"]
-    context["confusion_png"] = context["curves_png"] = None
+    context["confusion_png"] = context["curves_png"] = context["reliability_png"] = None
     if "confusion_matrix" in metrics:
         png = confusion_matrix_png(metrics["confusion_matrix"], context["classes"])
         atomic_write_bytes(run / CONFUSION_PNG, png)
@@ -458,6 +492,11 @@ def write_report(run_dir: str | Path) -> Path:
         png = curves_png(metrics["history"])
         atomic_write_bytes(run / CURVES_PNG, png)
         context["curves_png"] = base64.b64encode(png).decode("ascii")
+    items, probs = context.pop("eval_predictions")
+    if items:
+        labels = np.array([it.label for it in items])
+        png = reliability_png(probs, labels, float(context["temperature"]))
+        context["reliability_png"] = base64.b64encode(png).decode("ascii")
     path = run / REPORT_HTML
     atomic_write_text(path, render_html(context))
     return path

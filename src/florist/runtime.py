@@ -57,10 +57,27 @@ class ArrayClassifier:
     inputs: list[ModelInput]
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 32
+    has_ood: bool = False  # scores how unlike the training classes an image is (run folders only)
+    ood_threshold: float | None = None
 
     def probabilities(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``[N, classes]`` float32 for a batch: input name -> ``[N, 3, H, W]`` float32."""
         raise NotImplementedError
+
+    def ood_scores(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        """``[N]`` out-of-distribution scores for a batch, or None for a model without a detector."""
+        return None
+
+    def outputs_of(self, images: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probabilities_of` and, when the model has a detector, the images' out-of-distribution scores."""
+        probs = self.probabilities_of(images)
+        if not self.has_ood or not images:
+            return probs, None
+        scores = [
+            self.ood_scores({s.name: np.stack([im[s.name] for im in images[i : i + self.batch_size]]) for s in self.inputs})
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return probs, np.concatenate(scores)
 
     def arrays(self, data: bytes) -> dict[str, np.ndarray]:
         """Decode and preprocess one image's bytes for every input.

@@ -50,7 +50,7 @@ from .data import BadImage
 from .errors import FloristError
 from .loader import load
 from .prediction import rank
-from .runtime import ArrayClassifier
+from .runtime import ArrayClassifier, refuse_ood_threshold
 
 log = logging.getLogger("florist")
 
@@ -147,8 +147,8 @@ class Batcher:
                 pass
             self._task = None
 
-    async def probabilities(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """``[classes]`` probabilities for one preprocessed image."""
+    async def outputs(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, float | None]:
+        """``[classes]`` probabilities and the out-of-distribution score (None without a detector) of one image."""
         future = asyncio.get_running_loop().create_future()
         await self._ensure_running().put((arrays, future))
         return await future
@@ -159,15 +159,15 @@ class Batcher:
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
-                probs = await run_in_threadpool(self.model.probabilities_of, [arrays for arrays, _ in batch])
+                probs, scores = await run_in_threadpool(self.model.outputs_of, [arrays for arrays, _ in batch])
             except Exception as e:  # a model failure answers its requests, never kills the loop
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(e)
                 continue
-            for (_, future), row in zip(batch, probs):
+            for i, ((_, future), row) in enumerate(zip(batch, probs)):
                 if not future.done():
-                    future.set_result(row)
+                    future.set_result((row, None if scores is None else float(scores[i])))
 
 
 # ---------------------------------------------------------------------------
@@ -236,16 +236,26 @@ def page() -> str:
     return resources.files("florist").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str = "") -> FastAPI:
+def create_app(
+    model: ArrayClassifier,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    name: str = "",
+    ood_threshold: float | None = None,
+) -> FastAPI:
     """The FastAPI application serving ``model`` (see the module docstring for the endpoints).
 
     Args:
         model: from :func:`load_model` (or any :class:`~florist.runtime.ArrayClassifier`).
         max_bytes: largest request body accepted.
         name: shown by ``/health`` (the model's path).
+        ood_threshold: answer ``"unknown": true`` above this out-of-distribution score
+            (default: the run's own; refused for models without a detector).
     """
     if max_bytes < 1:
         raise FloristError(f"the request size limit must be positive, got {max_bytes} bytes")
+    refuse_ood_threshold(ood_threshold, has_detector=model.has_ood)
+    threshold = model.ood_threshold if ood_threshold is None else ood_threshold
     batcher = Batcher(model)
     heatmaps = Heatmaps(model) if Heatmaps.available(model) else None
 
@@ -321,8 +331,9 @@ def create_app(model: ArrayClassifier, *, max_bytes: int = DEFAULT_MAX_BYTES, na
             arrays = await run_in_threadpool(model.arrays, data)
         except BadImage as e:
             raise HTTPException(415, f"not a usable image: {e}") from None
-        probs = await batcher.probabilities(arrays)
-        result = rank([filename], probs[None], {}, model.classes, top_k)[0].to_dict()
+        probs, score = await batcher.outputs(arrays)
+        ood = None if score is None else np.array([score])
+        result = rank([filename], probs[None], {}, model.classes, top_k, ood=ood, threshold=threshold)[0].to_dict()
         result["filename"] = result.pop("path")
         if heatmap and heatmaps is not None:
             result["heatmap"] = await run_in_threadpool(heatmaps.png, data, result["label"])
@@ -339,6 +350,7 @@ def serve(
     max_bytes: int = DEFAULT_MAX_BYTES,
     log_level: str = "info",
     engine: str | None = None,
+    ood_threshold: float | None = None,
 ) -> None:
     """Load ``model_path`` (a run folder's graph on ``engine``) and serve it with uvicorn until interrupted.
 
@@ -348,7 +360,7 @@ def serve(
     import uvicorn
 
     model = load_model(model_path, engine)
-    app = create_app(model, max_bytes=max_bytes, name=str(model_path))
+    app = create_app(model, max_bytes=max_bytes, name=str(model_path), ood_threshold=ood_threshold)
     log.info(
         "serving %s (%s back end, %d classes) on http://%s:%d",
         model_path,

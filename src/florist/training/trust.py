@@ -30,7 +30,7 @@ from .registry import get_mode
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
-    from .pipeline import Fitted, Job
+    from .pipeline import Fitted, Job  # noqa: F401 (annotations only)
 
 
 @dataclass
@@ -50,8 +50,6 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
         fitted: the final fit.
         reference: the backbones with their ImageNet weights, for the detector's features.
     """
-    from .pipeline import labels
-
     t = time.perf_counter()
     folds = job.cfg.calibration_folds or 0
     metrics: dict[str, Any] = {}
@@ -59,7 +57,7 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
     if folds >= 2:
         held_probs, held_y = cross_fit(job, folds)
         temperature = fit_temperature(held_probs, held_y)
-        eval_y = labels(fitted.eval)
+        eval_y = np.array([it.label for it in fitted.eval], dtype=np.int64)
         metrics["calibration"] = {
             "method": "temperature",
             "folds": folds,
