@@ -356,8 +356,10 @@ def test_torchrun_feature_extraction_matches_one_process(
     for key in single:
         np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=key)
     two = load_tensors(_files(run)["model.safetensors"])
+    expected = {**one.head.state_dict(), **one.ood.state()}  # the head, then the out-of-distribution detector
+    assert two.keys() == expected.keys()
     for name, tensor in two.items():
-        torch.testing.assert_close(tensor, one.head.state_dict()[name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4)
     assert not list((tmp_path / "c2" / "remote").glob("out-*")), "rank 0 uploaded the run and cleaned up"
     metrics = json.loads(_files(run)["metrics.json"])
     assert np.isclose(metrics["top1"], 1.0)
