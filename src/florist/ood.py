@@ -45,20 +45,24 @@ class OodDetector:
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray) -> OodDetector:
         """Means and Ledoit-Wolf shrunk precision of ``features`` (``[N, D]``) around their class means."""
-        from sklearn.covariance import LedoitWolf
+        from sklearn.covariance import ledoit_wolf
 
         x = _unit(features.astype(np.float64))
         classes = np.unique(labels)
         means = np.stack([x[labels == c].mean(axis=0) for c in classes])
-        centred = x - means[np.searchsorted(classes, labels)]
-        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        covariance, _ = ledoit_wolf(x - means[np.searchsorted(classes, labels)], assume_centered=True)
+        precision = np.linalg.inv(covariance)  # shrinkage keeps it well conditioned
         return cls(means.astype(np.float32), precision.astype(np.float32))
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance to the nearest class mean, per row of ``features``."""
+        """Squared Mahalanobis distance to the nearest class mean, per row of ``features``.
+
+        Expanded as ``x'Px - 2 x'Pm + m'Pm`` so that it is two matrix products, not one per class.
+        """
         x = _unit(features.astype(np.float64))
-        centred = x[:, None, :] - self.means.astype(np.float64)[None]
-        distances = np.einsum("ncd,de,nce->nc", centred, self.precision.astype(np.float64), centred)
+        precision, means = self.precision.astype(np.float64), self.means.astype(np.float64)
+        xp = x @ precision
+        distances = (xp * x).sum(axis=1, keepdims=True) - 2 * xp @ means.T + ((means @ precision) * means).sum(axis=1)
         return distances.min(axis=1)
 
     def unknown(self, scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
