@@ -131,3 +131,24 @@ def test_server_answers_unknown(trained_run: Path, photos: Path) -> None:
     )
     with TestClient(create_app(model, ood_threshold=-1.0)) as client:
         assert client.post("/predict", files={"file": ("g.jpg", data)}).json()["unknown"] is True
+
+
+def test_run_lists_a_mislabelled_photo_in_label_issues_and_the_report(photos: Path, tiny: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from florist.files import read_csv
+
+    data = tmp_path / "photos"
+    shutil.copytree(photos, data)
+    moved = sorted((data / "red").iterdir())[0]
+    moved.rename(data / "blue" / moved.name)  # a red photo filed as blue
+    run = tmp_path / "run"
+    florist.train(data, run, epochs=10, eval_fraction=0.25, mode="head", **tiny)
+    rows = read_csv(run / "label_issues.csv")
+    assert rows, "the misfiled photo should be suspected"
+    assert Path(rows[0]["path"]).name == moved.name
+    assert (rows[0]["given"], rows[0]["suggested"]) == ("blue", "red")
+    assert len(rows) <= 3  # the correctly filed photos are left alone
+    html = (run / "report.html").read_text()
+    section = html[html.index('id="label-issues"') :]
+    assert moved.name in section and "data:image/jpeg;base64," in section

@@ -39,6 +39,7 @@ from .runfiles import (
     CONFUSION_PNG,
     CURVES_PNG,
     EVAL_CSV,
+    LABEL_ISSUES_CSV,
     METRICS_JSON,
     MODEL_JSON,
     PREDICTIONS_CSV,
@@ -416,6 +417,10 @@ def _context(run: Path) -> dict[str, Any]:
     items, probs = load_predictions(run, classes) if has_eval else ([], np.zeros((0, len(classes))))
     wrong = _gallery(items, probs, classes, root)
     gallery = [{**g, "thumb": _thumbnail(g["path"])} for g in wrong[:GALLERY_SIZE]]
+    suspects = [
+        {**r, "file": _rel(r["path"], root), "thumb": _thumbnail(r["path"]), "score": float(r["score"])}
+        for r in _read_csv_or_empty(run / LABEL_ISSUES_CSV)[:GALLERY_SIZE]
+    ]
     skipped = [
         {"path": _rel(r["path"], root), "reason": r["reason"]}
         for r in _read_csv_or_empty(run / SKIPPED_CSV)
@@ -443,6 +448,8 @@ def _context(run: Path) -> dict[str, Any]:
         "n_wrong": len(wrong),
         "gallery": gallery,
         "duplicates": _duplicates(run, classes, root),
+        "suspects": suspects,
+        "n_suspects": len(_read_csv_or_empty(run / LABEL_ISSUES_CSV)),
         "skipped": skipped,
         "florist_version": model.get("florist_version", ""),
         "metrics": metrics,

@@ -7,6 +7,7 @@ One place for each name, so that the writer and every reader agree::
     metrics.json  run.json                            what it scored, how to repeat it
     checkpoint.pt                                     finetune: an unfinished run's state
     eval_predictions.csv  report.html  tb/            what the report and TensorBoard show
+    label_issues.csv                                  photos whose label looks wrong
     confusion_matrix.png  curves.png                  the report's pictures
 """
 
@@ -21,6 +22,7 @@ METRICS_JSON = "metrics.json"
 RUN_JSON = "run.json"
 CHECKPOINT = "checkpoint.pt"
 PREDICTIONS_CSV = "eval_predictions.csv"
+LABEL_ISSUES_CSV = "label_issues.csv"
 REPORT_HTML = "report.html"
 TENSORBOARD = "tb"
 CONFUSION_PNG = "confusion_matrix.png"

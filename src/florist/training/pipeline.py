@@ -34,10 +34,19 @@ from ..engines import resolve_engine, supports_bf16
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
 from ..features import FeatureResult, extract_concat, merged_errors
-from ..files import atomic_write_json, folder_lock, remove_stale_temporaries
+from ..files import atomic_write_csv, atomic_write_json, folder_lock, remove_stale_temporaries
 from ..predict import Classifier
 from ..progress import progress_bar
-from ..runfiles import CHECKPOINT, LABELS, METRICS_JSON, MODEL_JSON, RUN_JSON, SKIPPED_CSV, TENSORBOARD
+from ..runfiles import (
+    CHECKPOINT,
+    LABEL_ISSUES_CSV,
+    LABELS,
+    METRICS_JSON,
+    MODEL_JSON,
+    RUN_JSON,
+    SKIPPED_CSV,
+    TENSORBOARD,
+)
 from ..runinfo import run_info
 from ..tfrecord import is_record_data, prepare_records
 from ..version import __version__
@@ -218,6 +227,11 @@ def _train(
     timings["total_s"] = time.perf_counter() - started
     metrics = _metrics(fitted, prepared, cfg, timings)
     atomic_write_json(out / METRICS_JSON, metrics)
+    atomic_write_csv(
+        out / LABEL_ISSUES_CSV,
+        ["path", "given", "suggested", "score"],
+        [[i.path, i.given, i.suggested, f"{i.score:.6f}"] for i in trust.label_issues],
+    )
     used = fitted.train + fitted.eval
     atomic_write_json(out / RUN_JSON, run_info(data_dir, prepared.classes, used, cfg.to_dict()))
     model.bundle = _bundle(backbones, fitted, prepared.classes, cfg, trust)

@@ -5,25 +5,27 @@ the eval split (it only measures). The temperature comes from *cross-fitting*:
 the mode's own ``fit`` trains on ``k - 1`` folds of the training part and predicts
 the k-th, so the held-out probabilities come from the very recipe being
 calibrated. With cached features or activations a fold costs what the final fit
-costs, minus the feature pass (head: seconds; tune-top: about half a minute per
-fold on a 2-core CPU). The out-of-distribution detector needs no re-training: it
-scores the frozen backbone's features (see :mod:`florist.ood`).
+costs, minus the feature pass (head: seconds; tune-top's two half-size folds:
+about one more fit). The out-of-distribution detector needs no re-training: it
+scores the pretrained backbone's features (see :mod:`florist.ood`), and the same
+features give the run's suspect labels (see :mod:`florist.labels`).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..calibration import apply_temperature, expected_calibration_error, fit_temperature
 from ..data import Item, Prepared
+from ..errors import SettingError
 from ..features import extract_concat
+from ..labels import LabelIssue, label_issues_of
 from ..ood import SCORE_NAME, OodDetector, fit_detector
 from ..progress import progress_bar
 from .registry import get_mode
@@ -40,6 +42,7 @@ class Trust:
     temperature: float
     detector: OodDetector | None
     metrics: dict[str, Any]
+    label_issues: list[LabelIssue] = field(default_factory=list)  # of the run's photos, most suspect first
 
 
 def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
@@ -73,14 +76,28 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
         }
     job.timings["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    detector = _detector(job, fitted, reference)
-    job.timings["ood_s"] = time.perf_counter() - t
-    if detector is not None:
+    used = fitted.train + fitted.eval
+    features = reference_features(job, reference, used) if len(fitted.train) >= 2 else None
+    detector = None
+    if features is not None:
+        train_x, eval_x = features[: len(fitted.train)], features[len(fitted.train) :]
+        detector = fit_detector(train_x, np.array([it.label for it in fitted.train]), seed=job.cfg.seed)
         metrics["ood"] = {"score": SCORE_NAME, "threshold": detector.threshold}
-        if fitted.eval and detector.threshold is not None:
-            scores = detector.score(reference_features(job, reference, fitted.eval))
-            metrics["ood"]["eval_accepted"] = float(np.mean(~detector.unknown(scores)))
-    return Trust(temperature, detector, metrics)
+        if len(eval_x) and detector.threshold is not None:
+            metrics["ood"]["eval_accepted"] = float(np.mean(~detector.unknown(detector.score(eval_x))))
+    job.timings["ood_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    issues = _label_issues(features, used, job.prepared.classes) if features is not None else []
+    job.timings["label_issues_s"] = time.perf_counter() - t
+    return Trust(temperature, detector, metrics, issues)
+
+
+def _label_issues(features: np.ndarray, items: list[Item], classes: list[str]) -> list[LabelIssue]:
+    """Suspect labels among the run's photos, as ``florist audit --labels`` finds them (clean view only)."""
+    try:
+        return label_issues_of(features, np.array([it.label for it in items]), classes, [it.path for it in items])
+    except SettingError:  # a class with fewer photos than folds: nothing to say
+        return []
 
 
 def _folds(items: list[Item], folds: int, seed: int) -> list[np.ndarray]:
@@ -136,11 +153,3 @@ def reference_features(job: Job, reference: list[Backbone], items: list[Item]) -
         cache_root=job.cache_root, seed=job.cfg.seed,
     )["clean"]  # fmt: skip
     return result.features.astype(np.float32)
-
-
-def _detector(job: Job, fitted: Fitted, reference: list[Backbone]) -> OodDetector | None:
-    if len(fitted.train) < 2:
-        return None
-    with torch.inference_mode():
-        features = reference_features(job, reference, fitted.train)
-    return fit_detector(features, np.array([it.label for it in fitted.train]), seed=job.cfg.seed)
