@@ -124,6 +124,23 @@ def trained_run(photos: Path, tiny: dict[str, str], tmp_path_factory: pytest.Tem
     return run
 
 
+#: Two classes drawn from the same grey noise (so the model must confuse them) and one red;
+#: one name needs HTML escaping.
+MIXED_CLASSES = {"grey one": (128, 128, 128), "x<y & z": (128, 128, 128), "red": (200, 30, 30)}
+
+
+@pytest.fixture(scope="session")
+def mixed_run(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, str]) -> Path:
+    """A finished run with misclassified eval images (so its report has heatmaps) and one skipped file."""
+    import florist
+
+    photos = write_photos(tmp_path_factory.mktemp("mixed") / "photos", n_per_class=8, colours=MIXED_CLASSES, seed=3)
+    (photos / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    run = tmp_path_factory.mktemp("run") / "mixed"
+    florist.train(photos, run, epochs=5, eval_fraction=0.5, mode="head", **tiny)
+    return run
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory):
     """The bad-input corpus (tests/images.py ``make_corpus``): read-only by convention."""

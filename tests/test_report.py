@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_photos
+from conftest import MIXED_CLASSES as CLASSES
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,21 +22,6 @@ from florist.files import read_csv
 from florist.report import HEATMAPS, ConfusionFigure, confused_pairs, find_chromium, screenshot, write_report
 
 runner = CliRunner()
-#: Two classes drawn from the same grey noise (so the model must confuse them) and one red;
-#: one name needs HTML escaping.
-CLASSES = {"grey one": (128, 128, 128), "x<y & z": (128, 128, 128), "red": (200, 30, 30)}
-
-
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, str]) -> Path:
-    """A finished run with misclassified eval images and one skipped file."""
-    photos = write_photos(tmp_path_factory.mktemp("mixed") / "photos", n_per_class=8, colours=CLASSES, seed=3)
-    (photos / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    run = tmp_path_factory.mktemp("run") / "mixed"
-    florist.train(photos, run, epochs=5, eval_fraction=0.5, mode="head", **tiny)
-    return run
-
-
 def _page(run: Path) -> str:
     return (run / "report.html").read_text(encoding="utf-8")
 

@@ -155,3 +155,17 @@ def test_page_explains_a_file_that_is_not_an_image(page, server: str, tmp_path: 
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "not a usable image" in page.inner_text("#error")
     assert page.query_selector_all("#results .row") == []
+
+
+def test_report_heatmaps_decode_in_chromium(browser, mixed_run: Path) -> None:
+    page = new_page(browser)
+    page.goto((mixed_run / "report.html").resolve().as_uri())
+    sizes = page.eval_on_selector_all(
+        "img.heatmap", "images => images.map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+    )
+    assert sizes, "the misclassified eval images should have heatmaps"
+    assert all(done and w > 0 and h > 0 for done, w, h in sizes)
+    assert page.is_visible("#calibration") and page.eval_on_selector(
+        'img[alt="reliability diagram"]', "i => i.naturalWidth"
+    ) > 0
+    page.close()

@@ -241,7 +241,7 @@ def reliability_png(probs: np.ndarray, labels: np.ndarray, temperature: float) -
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (top probability)", ylabel="accuracy")
     ax.set_title(f"Reliability, eval split (temperature {temperature:.3g})")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
