@@ -210,7 +210,8 @@ def _train(
     from ..report import Board as TensorBoard
 
     with TensorBoard(out / TENSORBOARD, prepared.classes) if dist.is_main() else nullcontext() as board:
-        initial = [{k: v.clone() for k, v in b.model.state_dict().items()} for b in backbones]
+        cross_fits = (cfg.calibration_folds or 0) >= 2  # the folds start from the pretrained weights too
+        initial = [{k: v.clone() for k, v in b.model.state_dict().items()} for b in backbones] if cross_fits else []
         job = Job(backbones, prepared, cfg, out, cache_root, device, board, verbose, resume, timings, initial)
         fitted = get_mode(cfg.mode).fit(job)
         trust = fit_trust(job, fitted, reference_backbones(backbones, fitted, cfg, device))

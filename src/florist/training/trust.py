@@ -54,26 +54,7 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
         reference: the backbones with their ImageNet weights, for the detector's features.
     """
     t = time.perf_counter()
-    folds = job.cfg.calibration_folds or 0
-    metrics: dict[str, Any] = {}
-    temperature = 1.0
-    if folds >= 2:
-        held_probs, held_y = cross_fit(job, folds)
-        temperature = fit_temperature(held_probs, held_y)
-        eval_y = np.array([it.label for it in fitted.eval], dtype=np.int64)
-        metrics["calibration"] = {
-            "method": "temperature",
-            "folds": folds,
-            "temperature": temperature,
-            "heldout_ece_before": expected_calibration_error(held_probs, held_y),
-            "heldout_ece_after": expected_calibration_error(apply_temperature(held_probs, temperature), held_y),
-            "ece_before": expected_calibration_error(fitted.eval_probs, eval_y) if len(eval_y) else None,
-            "ece_after": (
-                expected_calibration_error(apply_temperature(fitted.eval_probs, temperature), eval_y)
-                if len(eval_y)
-                else None
-            ),
-        }
+    temperature, metrics = _calibrate(job, fitted)
     job.timings["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
     used = fitted.train + fitted.eval
@@ -92,6 +73,32 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
     return Trust(temperature, detector, metrics, issues)
 
 
+def _calibrate(job: Job, fitted: Fitted) -> tuple[float, dict[str, Any]]:
+    """The temperature from a cross-fit, and its figures (1.0 and none when calibration is off or impossible)."""
+    folds = job.cfg.calibration_folds or 0
+    counts = np.bincount([it.label for it in job.prepared.train], minlength=len(job.prepared.classes))
+    if folds < 2 or counts.min() < 2:  # off, or a class too small to be both trained on and held out
+        return 1.0, {}
+    held_probs, held_y = cross_fit(job, folds)
+    temperature = fit_temperature(held_probs, held_y)
+    eval_y = np.array([it.label for it in fitted.eval], dtype=np.int64)
+
+    def ece(probs: np.ndarray, y: np.ndarray, t: float) -> float | None:
+        return expected_calibration_error(apply_temperature(probs, t), y) if len(y) else None
+
+    return temperature, {
+        "calibration": {
+            "method": "temperature",
+            "folds": folds,
+            "temperature": temperature,
+            "heldout_ece_before": ece(held_probs, held_y, 1.0),
+            "heldout_ece_after": ece(held_probs, held_y, temperature),
+            "ece_before": ece(fitted.eval_probs, eval_y, 1.0),
+            "ece_after": ece(fitted.eval_probs, eval_y, temperature),
+        }
+    }
+
+
 def _label_issues(features: np.ndarray, items: list[Item], classes: list[str]) -> list[LabelIssue]:
     """Suspect labels among the run's photos, as ``florist audit --labels`` finds them (clean view only)."""
     try:
@@ -105,7 +112,7 @@ def _folds(items: list[Item], folds: int, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([it.label for it in items])
-    k = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))
+    k = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))  # _calibrate checked every class has 2
     return [held for _, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)]
 
 
