@@ -94,6 +94,10 @@ def test_tune_top_run_saves_and_reloads_the_tuned_blocks(
     b, _ = loaded.predict_proba(files)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert florist.evaluate(run)["top1"] == metrics["top1"]
+    assert metrics["calibration"]["folds"] == 2 and model.temperature == loaded.temperature != 1.0
+    # The detector scores the pretrained network's features, in the trained model as in the loaded one.
+    np.testing.assert_allclose(model.ood_scores(files), loaded.ood_scores(files), rtol=1e-4)
+    assert all(r.tuned_id is None for r in loaded.reference) and loaded.reference is not loaded.backbones
 
 
 def test_bf16_autocast_training_also_learns(photos: Path, tmp_path: Path, tiny: dict[str, str]) -> None:

@@ -214,10 +214,12 @@ def _train(
         initial = [{k: v.clone() for k, v in b.model.state_dict().items()} for b in backbones] if cross_fits else []
         job = Job(backbones, prepared, cfg, out, cache_root, device, board, verbose, resume, timings, initial)
         fitted = get_mode(cfg.mode).fit(job)
-        trust = fit_trust(job, fitted, reference_backbones(backbones, fitted, cfg, device))
+        reference = reference_backbones(backbones, fitted, cfg, device)
+        trust = fit_trust(job, fitted, reference)
     fitted.eval_probs = apply_temperature(fitted.eval_probs, trust.temperature)
     fitted.extra_metrics.update(trust.metrics)
     model = _classifier(backbones, fitted, prepared.classes, cfg, trust)
+    model.reference = reference
     if not dist.is_main():
         dist.barrier()  # rank 0 writes the run folder
         return model
