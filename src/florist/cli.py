@@ -527,7 +527,9 @@ def serve(
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     """Summary line, per-class table and confusion matrix."""
-    out.print(f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   on {metrics['n']} images")
+    out.print(
+        f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   ECE {metrics['ece']:.3f}   on {metrics['n']} images"
+    )
     table = Table("class", "precision", "recall", "f1", "support")
     for name, m in metrics["per_class"].items():
         table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
