@@ -70,7 +70,7 @@ def choose(run: Path) -> dict:
     from florist.features import extract_views
     from florist.labels import VIEWS, out_of_fold_probabilities, rank_label_issues, view_mean
     from florist.remote import default_cache_dir
-    from florist.training.pipeline import create_backbones
+    from florist.training.backbone_set import create_backbones
     from florist.training.settings import TrainConfig
 
     classes = read_labels(run)

@@ -130,7 +130,7 @@ def find_label_issues(
 
     from .features import extract_views, merged_errors
     from .remote import default_cache_dir
-    from .training.pipeline import create_backbones
+    from .training.backbone_set import create_backbones
     from .training.settings import TrainConfig
 
     (net,) = create_backbones(TrainConfig(backbone=backbone, weights=weights, engine=engine), torch.device("cpu"))

@@ -25,12 +25,11 @@ from torch import nn
 
 from .. import distributed as dist
 from .. import remote
-from ..backbones import Backbone, create_backbone, state_id
+from ..backbones import Backbone, state_id
 from ..bundle import BACKBONE_PREFIX, Bundle, is_complete, linear_head_spec, save_bundle
 from ..calibration import apply_temperature
 from ..data import Item, Prepared, Skipped, check_memo_file, prepare, write_manifests
-from ..devices import pick_device, uses_bf16
-from ..engines import resolve_engine, supports_bf16
+from ..devices import pick_device
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
 from ..features import FeatureResult, extract_concat, merged_errors
@@ -50,6 +49,7 @@ from ..runfiles import (
 from ..runinfo import run_info
 from ..tfrecord import is_record_data, prepare_records
 from ..version import __version__
+from .backbone_set import create_backbones
 from .loop import Board
 from .registry import get_mode, resolve
 from .settings import TrainConfig
@@ -151,18 +151,6 @@ def train(
     finally:
         if joined:
             dist.shutdown()
-
-
-def create_backbones(cfg: TrainConfig, device: torch.device) -> list[Backbone]:
-    """One backbone per name in ``cfg.backbone``, in that order, on the chosen engine and precision."""
-    engine = resolve_engine(cfg.engine, device)
-    if cfg.precision == "bf16" and not supports_bf16(engine):
-        raise SettingError("{precision:bf16} needs {engine:openvino} or {engine:torch}: ONNX Runtime computes in fp32")
-    backbones = [create_backbone(name, cfg.weights) for name in cfg.backbone_names]
-    for b in backbones:
-        b.engine = engine
-        b.bf16 = uses_bf16(cfg.precision) and supports_bf16(engine)
-    return backbones
 
 
 @contextmanager
