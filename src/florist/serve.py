@@ -6,7 +6,8 @@
     florist serve model.xml             # OpenVINO back end (an exported file; no torch used)
 
 Endpoints: ``POST /predict`` (an image as multipart field ``file`` or as the raw
-request body; JSON top-k labels and probabilities), ``GET /labels``,
+request body; JSON top-k labels and calibrated probabilities, and for a run folder its
+``ood_score`` and whether it is ``unknown``: see :mod:`florist.ood`), ``GET /labels``,
 ``GET /health``, ``GET /`` (a self-contained page: drop or pick a photo, see it,
 its top-k bars and, for a run folder, its heatmap) and the OpenAPI docs at ``/docs``.
 ``POST /predict?heatmap=1`` adds ``heatmap``: a base64 PNG of where the network found
@@ -299,7 +300,8 @@ def create_app(
         "/predict",
         summary="Classify one image",
         description="Send the image as multipart form field `file`, or as the raw request body "
-        "(any image Content-Type or application/octet-stream). Returns the top-k labels, best first.",
+        "(any image Content-Type or application/octet-stream). Returns the top-k labels, best first; a run "
+        "folder adds `ood_score` (higher = less like the training photos) and `unknown`.",
         responses={
             400: {"description": "Empty request or malformed form"},
             413: {"description": "Body over the size limit"},
