@@ -159,11 +159,11 @@ class GraphClassifier(ArrayClassifier):
         self.classes = list(classifier.classes)
         self.inputs = self.graph.inputs
         self.tta_views = self.graph.views
-        self.ood_net = None
+        self.ood_net, self.ood = None, classifier.ood
         if classifier.ood is not None:
             self.has_ood, self.ood_threshold = True, classifier.ood_threshold
             self.ood_inputs = [s for s in self.inputs if s.view == "clean"]
-            ood_graph = OodGraph(classifier)
+            ood_graph = ReferenceGraph(classifier)
             ood_graph.bf16 = self.graph.bf16
             clean = [torch.zeros(1, *s.data_config["input_size"]) for s in self.ood_inputs]
             self.ood_net = compile_frozen(ood_graph, clean, engine, bf16=bf16 and engine != "torch")
@@ -172,29 +172,24 @@ class GraphClassifier(ArrayClassifier):
         return self.net(*(torch.from_numpy(batch[s.name]) for s in self.inputs))
 
     def ood_scores(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
-        if self.ood_net is None:
+        if self.ood_net is None or self.ood is None:
             return None
-        return self.ood_net(*(torch.from_numpy(batch[s.name]) for s in self.ood_inputs)).astype(np.float64)
+        return self.ood.score(self.ood_net(*(torch.from_numpy(batch[s.name]) for s in self.ood_inputs)))
 
 
-class OodGraph(nn.Module):
-    """The pretrained backbones on the clean view, then :meth:`florist.ood.OodDetector.score` as tensor operations."""
+class ReferenceGraph(nn.Module):
+    """The pretrained backbones on the clean view, features concatenated: what the run's detector scores."""
 
     def __init__(self, classifier: Classifier):
         super().__init__()
-        assert classifier.ood is not None
         self.nets = nn.ModuleList([b.model for b in classifier.reference])
-        self.register_buffer("means", torch.from_numpy(classifier.ood.means).float())
-        self.register_buffer("precision", torch.from_numpy(classifier.ood.precision).float())
         self.bf16 = False
         self.eval()
 
     def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             features = [net(x).float() for net, x in zip(self.nets, pixels)]
-        x = nn.functional.normalize(torch.cat(features, dim=1), dim=1)
-        centred = x[:, None, :] - self.means[None]
-        return torch.einsum("ncd,de,nce->nc", centred, self.precision, centred).min(dim=1).values
+        return torch.cat(features, dim=1) if len(features) > 1 else features[0]
 
 
 #: What the server reports as its back end, by engine.

@@ -69,11 +69,7 @@ class Classifier:
     def from_bundle(cls, bundle: Bundle, engine: str | None = None) -> "Classifier":
         """The classifier of a bundle; ``engine`` (default: the bundle's, where it runs) computes its features."""
         engine = engine or usable_engine(bundle.engine)
-        backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
-        for b, data_config in zip(backbones, bundle.data_configs):
-            b.bf16 = bundle.bf16 and supports_bf16(engine)
-            b.engine = engine
-            b.data_config = dict(data_config)  # the preprocessing the model was trained and evaluated with
+        backbones = _pretrained_backbones(bundle, engine)
         backbone = backbones[0]
         tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
         if tuned:
@@ -87,9 +83,7 @@ class Classifier:
         model = cls(backbones, head, bundle.classes, tta_views=bundle.tta_views, temperature=bundle.temperature, bundle=bundle)
         model.ood = OodDetector.from_state(bundle.state, bundle.ood_threshold)
         if tuned and model.ood is not None:  # the detector scores the pretrained network's features
-            model.reference = [create_backbone(spec=spec) for spec in bundle.backbones]
-            for ref, b in zip(model.reference, backbones):
-                ref.bf16, ref.engine, ref.data_config = b.bf16, b.engine, b.data_config
+            model.reference = _pretrained_backbones(bundle, engine)
         return model
 
     def probabilities_from_views(self, views: dict[str, FeatureResult]) -> tuple[np.ndarray, dict[int, str]]:
@@ -188,6 +182,16 @@ class Classifier:
     def ood_threshold(self) -> float | None:
         """The stored threshold of the "unknown" answer (None: no detector, or too few photos to choose one)."""
         return self.ood.threshold if self.ood is not None else None
+
+
+def _pretrained_backbones(bundle: Bundle, engine: str) -> list[Backbone]:
+    """The bundle's backbones with their pretrained weights, computing features as the run did."""
+    backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
+    for b, data_config in zip(backbones, bundle.data_configs):
+        b.bf16 = bundle.bf16 and supports_bf16(engine)
+        b.engine = engine
+        b.data_config = dict(data_config)  # the preprocessing the model was trained and evaluated with
+    return backbones
 
 
 @torch.inference_mode()

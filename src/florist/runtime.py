@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -70,14 +70,13 @@ class ArrayClassifier:
 
     def outputs_of(self, images: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`probabilities_of` and, when the model has a detector, the images' out-of-distribution scores."""
-        probs = self.probabilities_of(images)
         if not self.has_ood or not images:
-            return probs, None
-        scores = [
-            self.ood_scores({s.name: np.stack([im[s.name] for im in images[i : i + self.batch_size]]) for s in self.inputs})
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return probs, np.concatenate(scores)
+            return self.probabilities_of(images), None
+        probs, scores = [], []
+        for batch in self._batches(images):
+            probs.append(self.probabilities(batch))
+            scores.append(self.ood_scores(batch))
+        return np.concatenate(probs).astype(np.float32, copy=False), np.concatenate(scores)
 
     def arrays(self, data: bytes) -> dict[str, np.ndarray]:
         """Decode and preprocess one image's bytes for every input.
@@ -91,13 +90,14 @@ class ArrayClassifier:
         """Probabilities for preprocessed images (from :meth:`arrays`), run in batches."""
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        out = []
+        out = [self.probabilities(batch) for batch in self._batches(images)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _batches(self, images: Sequence[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """Preprocessed images stacked into batches of :attr:`batch_size`: input name -> ``[n, ...]``."""
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            out.append(
-                self.probabilities({s.name: np.stack([im[s.name] for im in chunk]) for s in self.inputs})
-            )
-        return np.concatenate(out).astype(np.float32, copy=False)
+            yield {s.name: np.stack([im[s.name] for im in chunk]) for s in self.inputs}
 
     def _read_all(self, paths: Sequence[str | Path]) -> tuple[list[dict[str, np.ndarray] | None], dict[int, str]]:
         """Read and preprocess every file in a thread pool (Pillow releases the GIL); failures -> errors."""
