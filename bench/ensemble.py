@@ -14,7 +14,6 @@ markers.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from readme_table import update_readme
+from readme_table import results_parser, rewrite_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "ensemble.json"
@@ -85,15 +84,14 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("photos", type=Path)
+    parser = results_parser(__doc__, RESULTS)
+    parser.add_argument("photos", type=Path, nargs="?", help="a photo folder (not needed with --table-only)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ensemble")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table-only", action="store_true", help="rewrite README's table from --out, train nothing")
     args = parser.parse_args()
-    if args.table_only:
-        update_readme("ensemble-table", table(json.loads(args.out.read_text())), ROOT / "README.md")
+    if rewrite_table(args, "ensemble-table", table, ROOT / "README.md"):
         return
+    if args.photos is None:
+        parser.error("the photo folder is required")
     sys.path.insert(0, str(ROOT / "src"))
     members = {name: train_member(args.photos, name, args.runs) for name in MEMBERS}
     for name, m in members.items():
@@ -104,11 +102,8 @@ def main() -> None:
         "members": members,
         "combinations": combinations({name: Path(m["run"]) for name, m in members.items()}),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
-    if args.out.resolve() == RESULTS.resolve():
-        update_readme("ensemble-table", table(report), ROOT / "README.md")
+    write_results(report, args.out, RESULTS, "ensemble-table", table(report), ROOT / "README.md")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,3 +43,18 @@ def write_results(report: dict, out: Path, default: Path, name: str, table: str,
     print(f"wrote {out}")
     if out.resolve() == default.resolve():
         update_readme(name, table, readme)
+
+
+def results_parser(description: str, default: Path) -> argparse.ArgumentParser:
+    """A bench's command line with ``--out`` (its results file) and ``--table-only``; it adds its own arguments."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=default)
+    parser.add_argument("--table-only", action="store_true", help="rewrite README's table from --out, measure nothing")
+    return parser
+
+
+def rewrite_table(args: argparse.Namespace, name: str, table: Callable[[dict], str], readme: Path) -> bool:
+    """With ``--table-only``, rewrite README's ``name`` table from the results in ``--out``; True if it did."""
+    if args.table_only:
+        update_readme(name, table(json.loads(args.out.read_text())), readme)
+    return args.table_only

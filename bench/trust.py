@@ -25,7 +25,6 @@ Writes ``bench/results/trust.json`` and the tables between README.md's ``trust-t
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from readme_table import run_facts, update_readme, write_results  # bench/readme_table.py
+from readme_table import results_parser, rewrite_table, run_facts, write_results  # bench/readme_table.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "trust.json"
@@ -304,13 +303,10 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, RESULTS)
     parser.add_argument("run", type=Path, help="a run trained on a photo folder (its training photos choose C)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table-only", action="store_true", help="rewrite README's table from --out, measure nothing")
     args = parser.parse_args()
-    if args.table_only:
-        update_readme("trust-table", table(json.loads(args.out.read_text())), ROOT / "README.md")
+    if rewrite_table(args, "trust-table", table, ROOT / "README.md"):
         return
     sys.path.insert(0, str(ROOT / "src"))
     from florist.labels import DEFAULT_C, DEFAULT_FILTER
