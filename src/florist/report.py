@@ -417,9 +417,10 @@ def _context(run: Path) -> dict[str, Any]:
     items, probs = load_predictions(run, classes) if has_eval else ([], np.zeros((0, len(classes))))
     wrong = _gallery(items, probs, classes, root)
     gallery = [{**g, "thumb": _thumbnail(g["path"])} for g in wrong[:GALLERY_SIZE]]
+    issues = _read_csv_or_empty(run / LABEL_ISSUES_CSV)
     suspects = [
         {**r, "file": _rel(r["path"], root), "thumb": _thumbnail(r["path"]), "score": float(r["score"])}
-        for r in _read_csv_or_empty(run / LABEL_ISSUES_CSV)[:GALLERY_SIZE]
+        for r in issues[:GALLERY_SIZE]
     ]
     skipped = [
         {"path": _rel(r["path"], root), "reason": r["reason"]}
@@ -449,7 +450,7 @@ def _context(run: Path) -> dict[str, Any]:
         "gallery": gallery,
         "duplicates": _duplicates(run, classes, root),
         "suspects": suspects,
-        "n_suspects": len(_read_csv_or_empty(run / LABEL_ISSUES_CSV)),
+        "n_suspects": len(issues),
         "skipped": skipped,
         "florist_version": model.get("florist_version", ""),
         "metrics": metrics,

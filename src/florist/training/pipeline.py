@@ -206,8 +206,7 @@ def _train(
         trust = fit_trust(job, fitted, reference)
     fitted.eval_probs = apply_temperature(fitted.eval_probs, trust.temperature)
     fitted.extra_metrics.update(trust.metrics)
-    model = _classifier(backbones, fitted, prepared.classes, cfg, trust)
-    model.reference = reference
+    model = _classifier(backbones, fitted, prepared.classes, cfg, trust, reference)
     if not dist.is_main():
         dist.barrier()  # rank 0 writes the run folder
         return model
@@ -287,13 +286,17 @@ def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: 
 
 
 def _classifier(
-    backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig, trust: Trust
+    backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig, trust: Trust,
+    reference: list[Backbone],
 ) -> Classifier:
-    """The trained model as a :class:`Classifier` (marking a tuned backbone for the feature cache)."""
+    """The trained model as a :class:`Classifier` (marking a tuned backbone for the feature cache).
+
+    ``reference``: the pretrained backbones whose features ``trust.detector`` scores.
+    """
     if fitted.backbone_state:
         backbones[0].tuned_id = state_id(fitted.backbone_state)
     model = Classifier(backbones, fitted.head, classes, tta_views=cfg.tta_views, temperature=trust.temperature)
-    model.ood = trust.detector
+    model.ood, model.reference = trust.detector, reference
     return model
 
 
