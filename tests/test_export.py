@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import seeded_weights
+from fastapi.testclient import TestClient
 
 import florist
 from florist.backbones import Backbone, create_backbone
-from florist.bundle import BACKBONE_PREFIX, Bundle, build_head, linear_head_spec, save_bundle
+from florist.bundle import Bundle, build_head, linear_head_spec, save_bundle, tuned_prefix
+from florist.calibration import apply_temperature
 from florist.data import read_manifest
+from florist.ensemble import ensemble_head_spec
 from florist.errors import FloristError
 from florist.export import PARITY_TOLERANCE, export, read_torchscript_metadata
 from florist.predict import Classifier
@@ -33,25 +36,31 @@ def fp32_run(
     nets: Sequence[Backbone],
     tta: tuple[str, ...] = ("clean", "flip"),
     tuned: bool = False,
+    ensemble: bool = False,
 ) -> Path:
     """A run folder with a seeded random head (fp32 features) on ``nets``, and manifests of ``photos``.
 
-    ``tuned`` stores re-trained tensors for the first backbone's final conv, as tune-top does.
+    ``tuned`` stores re-trained tensors for the first backbone's final conv, as tune-top does
+    (for every backbone of an ``ensemble``: one head per backbone, each with its own temperature).
     The backbones are only read.
     """
     florist.prepare(photos, run, eval_fraction=0.25)
-    spec = linear_head_spec(sum(b.num_features for b in nets), 3)
+    if ensemble:
+        members = [linear_head_spec(b.num_features, 3) for b in nets]
+        spec = ensemble_head_spec(members, [0.6 + 0.5 * i for i in range(len(nets))], [1.0 + i for i in range(len(nets))])
+    else:
+        spec = linear_head_spec(sum(b.num_features for b in nets), 3)
     head = build_head(spec)
     torch.manual_seed(0)
-    torch.nn.init.normal_(head.fc.weight, std=0.1)
+    for module in head.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.1)
     state = dict(head.state_dict())
-    if tuned:
-        generator = torch.Generator().manual_seed(1)
-        for key, value in nets[0].model.state_dict().items():
+    generator = torch.Generator().manual_seed(1)
+    for index, net in enumerate(nets[: len(nets) if ensemble else 1] if tuned else []):
+        for key, value in net.model.state_dict().items():
             if key.startswith(("conv_head.", "bn2.")) and value.is_floating_point():
-                state[BACKBONE_PREFIX + key] = value * (
-                    1 + 0.5 * torch.rand(value.shape, generator=generator)
-                )
+                state[tuned_prefix(index) + key] = value * (1 + 0.5 * torch.rand(value.shape, generator=generator))
     bundle = Bundle(
         ["blue", "green", "red"],
         [b.spec for b in nets],
@@ -147,13 +156,9 @@ def test_tune_top_tensors_are_exported(photos: Path, tiny_backbone: Backbone, tm
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Converting a tensor:torch.jit.TracerWarning")  # group norm's size check
-def test_multi_backbone_export(photos: Path, tiny_backbone: Backbone, tmp_path: Path) -> None:
-    gn = "test_efficientnet_gn"
-    second = create_backbone(gn, seeded_weights(gn, tmp_path / f"{gn}.safetensors"))
+def test_multi_backbone_export(photos: Path, tiny_backbone: Backbone, second_net: Backbone, tmp_path: Path) -> None:
     side = tiny_backbone.data_config["input_size"][-1]
-    # Both tiny nets take 160 px: the second gets 192 so that mixing up the inputs' sizes shows.
-    second.data_config["input_size"] = [3, 192, 192]
-    run = fp32_run(photos, tmp_path / "run", [tiny_backbone, second])
+    run = fp32_run(photos, tmp_path / "run", [tiny_backbone, second_net])
     report = export(run, tmp_path / "two.onnx", check_images=3)
     assert report.inputs == ["pixels_0", "pixels_flip_0", "pixels_1", "pixels_flip_1"]
     model = OnnxClassifier(tmp_path / "two.onnx")
@@ -161,6 +166,50 @@ def test_multi_backbone_export(photos: Path, tiny_backbone: Backbone, tmp_path: 
     assert_matches_pytorch(
         model, Classifier.from_bundle(florist.bundle.read_bundle(run)), sample_files(photos)[:3]
     )
+
+
+@pytest.fixture
+def second_net(tmp_path: Path) -> Backbone:
+    """A second tiny backbone (group norms), given 192 px so that mixing up the inputs' sizes shows."""
+    gn = "test_efficientnet_gn"
+    second = create_backbone(gn, seeded_weights(gn, tmp_path / f"{gn}.safetensors"))
+    second.data_config["input_size"] = [3, 192, 192]
+    return second
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor:torch.jit.TracerWarning")  # group norm's size check
+def test_ensemble_combines_calibrated_members_in_predict_export_and_serve(
+    photos: Path, tiny_backbone: Backbone, second_net: Backbone, tmp_path: Path
+) -> None:
+    """An ensemble bundle: each member's head on its own backbone's (tuned) features, calibrated and weighed."""
+    from florist.export import GraphClassifier
+    from florist.features import extract_concat
+    from florist.serve import create_app
+
+    run = fp32_run(photos, tmp_path / "run", [tiny_backbone, second_net], tuned=True, ensemble=True)
+    model = Classifier.from_bundle(florist.bundle.read_bundle(run))
+    assert [b.tuned_id is not None for b in model.backbones] == [True, True]
+    files = sample_files(photos)
+    probs, errors = model.predict_proba(files)
+    assert not errors and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # The same by hand: member i's head on backbone i's features, view-averaged, its temperature, its weight.
+    head = model.head
+    expected = 0
+    for i, backbone in enumerate(model.backbones):
+        views = extract_concat([backbone], files, ["clean", "flip"])
+        with torch.no_grad():
+            member = np.mean([head.members[i](torch.from_numpy(v.features)).softmax(1).numpy() for v in views.values()], 0)
+        expected = expected + head.weights[i] * apply_temperature(member, head.temperatures[i])
+    assert head.weights == pytest.approx([1 / 3, 2 / 3])
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+    report = export(run, tmp_path / "ensemble.onnx", check_images=3)
+    assert report.inputs == ["pixels_0", "pixels_flip_0", "pixels_1", "pixels_flip_1"]
+    assert report.max_abs_diff <= PARITY_TOLERANCE
+    assert_matches_pytorch(OnnxClassifier(tmp_path / "ensemble.onnx"), model, files)
+    with TestClient(create_app(GraphClassifier(model, engine="torch"))) as client:
+        answer = client.post("/predict", files={"file": ("x.jpg", files[0].read_bytes())}).json()
+    assert answer["probability"] == pytest.approx(float(probs[0].max()), abs=1e-4)
 
 
 @pytest.mark.slow

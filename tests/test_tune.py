@@ -118,3 +118,29 @@ def test_a_backbone_without_efficientnet_blocks_cannot_be_split(tiny_backbone: B
     assert can_split(tiny_backbone) and not can_split(resnet)
     with pytest.raises(FloristError, match="not ResNet; use mode='head'"):
         split_backbone(resnet, 1)
+
+
+def test_tune_top_over_several_backbones_trains_an_ensemble(photos: Path, tmp_path: Path) -> None:
+    """One member per network (own top blocks, head, cross-fit and temperature), saved as one bundle."""
+    run = tmp_path / "run"
+    names = ["efficientnet_lite0", "efficientnet_lite1"]
+    model = florist.train(photos, run, mode="tune-top", backbone=",".join(names), epochs=3, views=1)
+    metrics = json.loads((run / "metrics.json").read_text())
+    members = metrics["ensemble"]["members"]
+    assert [m["backbone"] for m in members] == names and [m["weight"] for m in members] == [0.5, 0.5]
+    assert all(m["temperature"] != 1.0 and m["calibration"]["folds"] == 2 for m in members)
+    assert metrics["top1"] == 1.0 and metrics["calibration"]["temperature"] == model.temperature
+    head = json.loads((run / "model.json").read_text())["head"]
+    assert head["type"] == "ensemble" and [h["in_features"] for h in head["members"]] == [1280, 1280]
+    assert head["temperatures"] == [m["temperature"] for m in members]
+    state = load_file(str(run / "model.safetensors"))
+    assert {k.split(".")[0] for k in state} == {"members", "backbone", "backbone1", "ood"}
+    assert [(run / "tb" / name).is_dir() for name in names] == [True, True]
+
+    loaded = florist.load(run)
+    assert [b.tuned_id for b in loaded.backbones] == [b.tuned_id for b in model.backbones]
+    assert all(b.tuned_id is not None for b in loaded.backbones)
+    files = sorted((photos / "green").iterdir())[:3]
+    np.testing.assert_allclose(model.predict_proba(files)[0], loaded.predict_proba(files)[0], atol=1e-5)
+    assert florist.evaluate(run)["top1"] == metrics["top1"]
+    assert loaded.predict(files)[0].labels[0] == "green"

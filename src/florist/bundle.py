@@ -21,12 +21,14 @@ from safetensors.torch import load, save
 from torch import nn
 
 from .backbones import BackboneSpec
+from .ensemble import ENSEMBLE, EnsembleHead
 from .errors import FloristError
 from .files import atomic_write_bytes, atomic_write_json, sha256_bytes
 from .runfiles import MODEL_JSON, MODEL_WEIGHTS
 
 FORMAT_VERSION = 1
-#: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``.
+#: Prefix of backbone tensors re-trained by florist (tune-top) in ``model.safetensors``
+#: (of the first backbone; see :func:`tuned_prefix`).
 BACKBONE_PREFIX = "backbone."
 #: Prefix of the out-of-distribution detector's tensors (see :mod:`florist.ood`).
 OOD_PREFIX = "ood."
@@ -43,9 +45,9 @@ class Bundle:
         backbones: how to rebuild each backbone; their features are concatenated in this order.
         data_configs: the preprocessing of each backbone, as trained and evaluated.
         head: ``{"type": "linear", "in_features", "num_classes", "dropout"}``.
-        state: the head's tensors, and the re-trained backbone tensors under :data:`BACKBONE_PREFIX`.
+        state: the head's tensors, the re-trained backbone tensors (see :func:`tuned_prefix`) and
+            the detector's.
         tta_views: views whose probabilities are averaged at prediction time.
-        tuned_id: content hash of the re-trained backbone tensors (None: the backbone is unchanged).
         bf16: the features were computed under bfloat16 autocast, and must be again.
         engine: what computed the features (see :mod:`florist.engines`), and computes them again.
         temperature: divides the log of the averaged probabilities (see :mod:`florist.calibration`).
@@ -61,7 +63,6 @@ class Bundle:
     head: dict[str, Any]
     state: dict[str, torch.Tensor]
     tta_views: list[str] = field(default_factory=lambda: ["clean"])
-    tuned_id: str | None = None
     bf16: bool = False
     engine: str = "torch"
     temperature: float = 1.0
@@ -77,7 +78,6 @@ class Bundle:
             "preprocessing": self.data_configs,
             "head": self.head,
             "tta_views": self.tta_views,
-            "tuned_id": self.tuned_id,
             "bf16": self.bf16,
             "engine": self.engine,
             "temperature": self.temperature,
@@ -96,9 +96,33 @@ def linear_head_spec(in_features: int, num_classes: int, dropout: float = 0.0) -
     return {"type": "linear", "in_features": int(in_features), "num_classes": int(num_classes), "dropout": dropout}
 
 
+def tuned_prefix(index: int) -> str:
+    """Prefix of backbone ``index``'s re-trained tensors: ``backbone.`` for the first, ``backbone<i>.`` after it.
+
+    The first backbone keeps the prefix runs of one backbone have always written.
+    """
+    return BACKBONE_PREFIX if index == 0 else f"backbone{index}."
+
+
+def _is_tuned_key(key: str) -> bool:
+    first = key.split(".", 1)[0]
+    return first == "backbone" or (first.startswith("backbone") and first[len("backbone") :].isdigit())
+
+
+def tuned_tensors(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Backbone ``index``'s re-trained tensors in a bundle's state, under the backbone's own names."""
+    prefix = tuned_prefix(index)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def with_tuned_prefixes(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Re-trained tensors of each backbone (an empty dict: untouched), named as :func:`tuned_tensors` reads them."""
+    return {tuned_prefix(i) + k: v for i, s in enumerate(states) for k, v in s.items()}
+
+
 def head_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The head's own tensors among a bundle's (not the tuned backbone's, not the detector's)."""
-    return {k: v for k, v in state.items() if not k.startswith((BACKBONE_PREFIX, OOD_PREFIX))}
+    """The head's own tensors among a bundle's (not the tuned backbones', not the detector's)."""
+    return {k: v for k, v in state.items() if not _is_tuned_key(k) and not k.startswith(OOD_PREFIX)}
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:
@@ -106,8 +130,11 @@ def build_head(spec: dict[str, Any]) -> nn.Module:
 
     A dropout layer (active only in training) followed by one linear layer on the
     pooled backbone features; the parameter names (``fc.weight``, ``fc.bias``) are
-    those stored in ``model.safetensors``.
+    those stored in ``model.safetensors``. An ensemble's entry lists one such head
+    per backbone (see :mod:`florist.ensemble`).
     """
+    if spec.get("type") == ENSEMBLE:
+        return EnsembleHead([build_head(m) for m in spec["members"]], spec["temperatures"], spec["weights"])
     if spec.get("type") != "linear":
         raise FloristError(f"unknown head type {spec.get('type')!r}")
     head = nn.Sequential()

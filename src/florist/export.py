@@ -39,6 +39,7 @@ from . import tflite
 from .calibration import temperature_scaled
 from .data import BadImage, Item, read_file, read_manifest
 from .engines import compile_frozen, convert_openvino, supports_bf16, trace_onnx
+from .ensemble import view_probabilities
 from .errors import FloristError, SettingError, literal
 from .files import atomic_write_bytes
 from .loader import load, load_run
@@ -72,7 +73,8 @@ class ExportGraph(nn.Module):
 
     ``forward`` takes one ``[N, 3, H, W]`` tensor per :class:`~florist.preprocess.ModelInput`,
     in :attr:`inputs` order (backbone by backbone, views in order). The views of one
-    backbone go through it as one batch; the probabilities of each view are averaged,
+    backbone go through it as one batch; the probabilities of each view are averaged
+    (an ensemble averages each member's, calibrates and weighs them: :mod:`florist.ensemble`),
     then calibrated with the run's temperature (see :mod:`florist.calibration`).
 
     Attributes:
@@ -90,8 +92,8 @@ class ExportGraph(nn.Module):
         self.bf16 = False
         self.eval()
 
-    def logits(self, *pixels: torch.Tensor) -> torch.Tensor:
-        """The head's outputs before the softmax, ``[views * N, classes]`` view by view (what Grad-CAM differentiates)."""
+    def features(self, *pixels: torch.Tensor) -> torch.Tensor:
+        """Every backbone's pooled features side by side, ``[views * N, features]`` view by view."""
         n_views = len(self.views)
         features = []
         for b, net in enumerate(self.nets):
@@ -99,12 +101,15 @@ class ExportGraph(nn.Module):
             x = torch.cat(views) if n_views > 1 else views[0]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 features.append(net(x).float())
-        merged = torch.cat(features, dim=1) if len(features) > 1 else features[0]
-        return self.head(merged).float()
+        return torch.cat(features, dim=1) if len(features) > 1 else features[0]
+
+    def logits(self, *pixels: torch.Tensor) -> torch.Tensor:
+        """The head's outputs before the softmax, ``[views * N, classes]`` view by view (what Grad-CAM differentiates)."""
+        return self.head(self.features(*pixels)).float()
 
     def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
-        probs = self.logits(*pixels).softmax(dim=1)
-        return temperature_scaled(probs.reshape(len(self.views), -1, probs.shape[1]).mean(dim=0), self.temperature)
+        views = self.features(*pixels).chunk(len(self.views))
+        return temperature_scaled(view_probabilities(self.head, views), self.temperature)
 
 
 class ImageGraph(nn.Module):

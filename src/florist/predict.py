@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, state_id
-from .bundle import BACKBONE_PREFIX, Bundle, build_head, head_state
+from .bundle import Bundle, build_head, head_state, tuned_tensors
 from .calibration import apply_temperature
 from .engines import supports_bf16, usable_engine
+from .ensemble import view_probabilities
 from .errors import FloristError
 from .features import FeatureResult, extract_concat, merged_errors
 from .inputs import expand_inputs
@@ -70,19 +71,17 @@ class Classifier:
         """The classifier of a bundle; ``engine`` (default: the bundle's, where it runs) computes its features."""
         engine = engine or usable_engine(bundle.engine)
         backbones = _pretrained_backbones(bundle, engine)
-        backbone = backbones[0]
-        tuned = {k[len(BACKBONE_PREFIX) :]: v for k, v in bundle.state.items() if k.startswith(BACKBONE_PREFIX)}
-        if tuned:
-            unknown = set(tuned) - set(backbone.model.state_dict())
-            if unknown:
-                raise FloristError(f"model.safetensors has backbone tensors this backbone lacks: {sorted(unknown)[:3]}")
-            backbone.model.load_state_dict(tuned, strict=False)
-            backbone.tuned_id = bundle.tuned_id or state_id(tuned)
+        tuned = False
+        for index, backbone in enumerate(backbones):
+            tensors = tuned_tensors(bundle.state, index)
+            if tensors:
+                _load_tuned(backbone, tensors)
+                tuned = True
         head = build_head(bundle.head)
         head.load_state_dict(head_state(bundle.state))
         model = cls(backbones, head, bundle.classes, tta_views=bundle.tta_views, temperature=bundle.temperature, bundle=bundle)
         model.ood = OodDetector.from_state(bundle.state, bundle.ood_threshold)
-        if tuned and model.ood is not None:  # the detector scores the pretrained network's features
+        if tuned and model.ood is not None:  # the detector scores the pretrained networks' features
             model.reference = _pretrained_backbones(bundle, engine)
         return model
 
@@ -184,6 +183,15 @@ class Classifier:
         return self.ood.threshold if self.ood is not None else None
 
 
+def _load_tuned(backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a run's re-trained tensors into ``backbone``, and mark it for the feature cache."""
+    unknown = set(tensors) - set(backbone.model.state_dict())
+    if unknown:
+        raise FloristError(f"model.safetensors has backbone tensors this backbone lacks: {sorted(unknown)[:3]}")
+    backbone.model.load_state_dict(tensors, strict=False)
+    backbone.tuned_id = state_id(tensors)
+
+
 def _pretrained_backbones(bundle: Bundle, engine: str) -> list[Backbone]:
     """The bundle's backbones with their pretrained weights, computing features as the run did."""
     backbones = [create_backbone(spec=spec) for spec in bundle.backbones]
@@ -202,17 +210,14 @@ def average_probabilities(
 
     ``views`` holds one ``[N, ...]`` array per view of the same N images (features or
     cached activations, any float dtype); the modules behind ``forward`` must already
-    be in eval mode. Returns ``[N, classes]`` float32 (``[0, 0]`` for no images).
+    be in eval mode. An :class:`~florist.ensemble.EnsembleHead` combines its members
+    (see :func:`~florist.ensemble.view_probabilities`). Returns ``[N, classes]`` float32
+    (``[0, 0]`` for no images).
     """
     if not len(views) or not len(views[0]):
         return np.zeros((0, 0), dtype=np.float32)
-    total = None
-    for array in views:
-        probs = torch.cat(
-            [
-                forward(torch.as_tensor(array[i : i + batch_size]).float()).float().softmax(1)
-                for i in range(0, len(array), batch_size)
-            ]
-        )
-        total = probs if total is None else total + probs
-    return (total / len(views)).numpy()
+    batches = [
+        view_probabilities(forward, [torch.as_tensor(array[i : i + batch_size]).float() for array in views])
+        for i in range(0, len(views[0]), batch_size)
+    ]
+    return torch.cat(batches).float().numpy()

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,11 @@ from torch import nn
 from .. import distributed as dist
 from .. import remote
 from ..backbones import Backbone, state_id
-from ..bundle import BACKBONE_PREFIX, Bundle, is_complete, linear_head_spec, save_bundle
+from ..bundle import Bundle, is_complete, linear_head_spec, save_bundle, with_tuned_prefixes
 from ..calibration import apply_temperature
 from ..data import Item, Prepared, Skipped, check_memo_file, prepare, write_manifests
 from ..devices import pick_device
+from ..ensemble import EnsembleHead, ensemble_head_spec
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
 from ..features import FeatureResult, extract_concat, merged_errors
@@ -50,44 +50,13 @@ from ..runinfo import run_info
 from ..tfrecord import is_record_data, prepare_records
 from ..version import __version__
 from .backbone_set import create_backbones
-from .loop import Board
+from .ensemble import fit_ensemble
+from .job import Fitted, Job
 from .registry import get_mode, resolve
 from .settings import TrainConfig
-from .trust import Trust, fit_trust
+from .trust import HeldOut, Trust, fit_trust, held_out
 
 log = logging.getLogger("florist")
-
-
-@dataclass
-class Job:
-    """What a mode's ``fit`` works on: the networks, the split, the resolved settings, the run's places."""
-
-    backbones: list[Backbone]
-    prepared: Prepared
-    cfg: TrainConfig
-    out: Path
-    cache_root: Path
-    device: torch.device
-    board: Board | None  # TensorBoard log, or None in processes other than rank 0
-    verbose: bool
-    resume: bool
-    timings: dict[str, float]
-    initial_state: list[dict[str, torch.Tensor]] = field(default_factory=list)  # backbones before the fit
-
-
-@dataclass
-class Fitted:
-    """What a mode's ``fit`` hands back to the pipeline."""
-
-    head: nn.Module
-    history: dict[str, list[float]]
-    train: list[Item]  # images actually used (failed ones removed)
-    eval: list[Item]
-    eval_probs: np.ndarray  # TTA-averaged probabilities on ``eval``
-    computed: int  # images that went through the network (cache misses)
-    views: list[str]  # the cached training views, for metrics.json
-    backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned backbone tensors
-    extra_metrics: dict[str, Any] = field(default_factory=dict)  # mode-specific entries of metrics.json
 
 
 def train(
@@ -201,9 +170,9 @@ def _train(
         cross_fits = (cfg.calibration_folds or 0) >= 2  # the folds start from the pretrained weights too
         initial = [{k: v.clone() for k, v in b.model.state_dict().items()} for b in backbones] if cross_fits else []
         job = Job(backbones, prepared, cfg, out, cache_root, device, board, verbose, resume, timings, initial)
-        fitted = get_mode(cfg.mode).fit(job)
+        fitted, held = _fit(job)
         reference = reference_backbones(backbones, fitted, cfg, device)
-        trust = fit_trust(job, fitted, reference)
+        trust = fit_trust(job, fitted, reference, held)
     fitted.eval_probs = apply_temperature(fitted.eval_probs, trust.temperature)
     fitted.extra_metrics.update(trust.metrics)
     model = _classifier(backbones, fitted, prepared.classes, cfg, trust, reference)
@@ -244,6 +213,15 @@ def _train(
     return model
 
 
+def _fit(job: Job) -> tuple[Fitted, HeldOut | None]:
+    """The mode's fit (once per backbone for an ensemble), and its cross-fit for the temperature."""
+    mode = get_mode(job.cfg.mode)
+    if mode.ensemble and len(job.backbones) > 1:
+        return fit_ensemble(job, mode.fit)
+    fitted = mode.fit(job)
+    return fitted, held_out(job)
+
+
 def _metrics(fitted: Fitted, prepared: Prepared, cfg: TrainConfig, timings: dict[str, float]) -> dict[str, Any]:
     """The contents of ``metrics.json``."""
     metrics: dict[str, Any] = {
@@ -255,7 +233,8 @@ def _metrics(fitted: Fitted, prepared: Prepared, cfg: TrainConfig, timings: dict
     eval_y = labels(fitted.eval)
     if len(eval_y):
         metrics.update(compute_metrics(eval_y, fitted.eval_probs, prepared.classes))
-    metrics["train_top1"] = fitted.history["train_top1"][-1]
+    if fitted.history.get("train_top1"):  # an ensemble's members each have theirs
+        metrics["train_top1"] = fitted.history["train_top1"][-1]
     metrics["features_computed"] = fitted.computed
     metrics["n_skipped"] = len(prepared.skipped)
     metrics.update(fitted.extra_metrics)
@@ -265,17 +244,16 @@ def _metrics(fitted: Fitted, prepared: Prepared, cfg: TrainConfig, timings: dict
 
 
 def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: TrainConfig, trust: Trust) -> Bundle:
-    state = {**fitted.head.state_dict(), **{BACKBONE_PREFIX + k: v for k, v in fitted.backbone_state.items()}}
+    state = {**fitted.head.state_dict(), **with_tuned_prefixes(fitted.backbone_states)}
     if trust.detector is not None:
         state.update(trust.detector.state())
     return Bundle(
         classes=classes,
         backbones=[b.spec for b in backbones],
         data_configs=[b.data_config for b in backbones],
-        head=linear_head_spec(sum(b.num_features for b in backbones), len(classes), cfg.dropout),
+        head=_head_spec(fitted.head, backbones, len(classes), cfg.dropout),
         state=state,
         tta_views=cfg.tta_views,
-        tuned_id=backbones[0].tuned_id,
         bf16=backbones[0].bf16,
         engine=backbones[0].engine,
         temperature=trust.temperature,
@@ -283,6 +261,14 @@ def _bundle(backbones: list[Backbone], fitted: Fitted, classes: list[str], cfg: 
         train_config=cfg.to_dict(),
         florist_version=__version__,
     )
+
+
+def _head_spec(head: nn.Module, backbones: list[Backbone], num_classes: int, dropout: float) -> dict[str, Any]:
+    """``model.json``'s ``head``: one linear head on all features, or an ensemble's member heads."""
+    if isinstance(head, EnsembleHead):
+        members = [linear_head_spec(b.num_features, num_classes, dropout) for b in backbones]
+        return ensemble_head_spec(members, head.temperatures, head.weights)
+    return linear_head_spec(sum(b.num_features for b in backbones), num_classes, dropout)
 
 
 def _classifier(
@@ -293,8 +279,9 @@ def _classifier(
 
     ``reference``: the pretrained backbones whose features ``trust.detector`` scores.
     """
-    if fitted.backbone_state:
-        backbones[0].tuned_id = state_id(fitted.backbone_state)
+    for backbone, state in zip(backbones, fitted.backbone_states):
+        if state:
+            backbone.tuned_id = state_id(state)
     model = Classifier(backbones, fitted.head, classes, tta_views=cfg.tta_views, temperature=trust.temperature)
     model.ood, model.reference = trust.detector, reference
     return model
@@ -304,7 +291,7 @@ def reference_backbones(
     backbones: list[Backbone], fitted: Fitted, cfg: TrainConfig, device: torch.device
 ) -> list[Backbone]:
     """The backbones with their pretrained weights, for the detector: the run's own when it tuned none."""
-    return create_backbones(cfg, device) if fitted.backbone_state else backbones
+    return create_backbones(cfg, device) if any(fitted.backbone_states) else backbones
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..errors import SettingError, literal, spell
 from .settings import COMMON, TrainConfig, check_values, declarations, field_default
 
 if TYPE_CHECKING:
-    from .pipeline import Fitted, Job
+    from .job import Fitted, Job
 
 #: Mode used when none is given.
 DEFAULT_MODE = "tune-top"
@@ -64,6 +64,8 @@ class Mode:
         order: position in listings (cheapest first).
         instead: for settings this mode does not read, what it does instead (for the error message).
         check: extra checks of resolved settings, raising :class:`~florist.errors.SettingError`.
+        ensemble: given several backbones, train one model per backbone and average them
+            (:mod:`florist.training.ensemble`); otherwise their features feed one head side by side.
     """
 
     name: str
@@ -73,6 +75,7 @@ class Mode:
     order: int
     instead: Mapping[str, str] = field(default_factory=dict)
     check: Callable[[TrainConfig], None] | None = None
+    ensemble: bool = False
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -150,9 +153,12 @@ def _not_read(name: str, mode: Mode, defaulted: bool) -> str:
 
 
 def one_backbone(cfg: TrainConfig) -> None:
-    """The check of the modes that tune a network: one backbone, not a list."""
+    """The check of finetune: one backbone, not a list."""
     if len(cfg.backbone_names) > 1:
-        raise SettingError(f"{{mode:{cfg.mode}}} tunes one backbone; a list of backbones is for {{mode:head}}")
+        raise SettingError(
+            f"{{mode:{cfg.mode}}} tunes one backbone; a list of backbones is for {{mode:head}} (features side by side) "
+            "and {mode:tune-top} (an ensemble)"
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -126,7 +126,8 @@ class TrainConfig:
     backbone: str = setting(
         DEFAULT_BACKBONE,
         "efficientnet_lite0/1/2 (offline), any timm model name (downloads weights), or timm:NAME; "
-        "head mode also takes a comma-separated list whose features are concatenated.",
+        "or a comma-separated list: head mode concatenates their features, tune-top trains one model "
+        "per backbone and averages them (an ensemble).",
     )
     weights: str | None = setting(
         None, "Local backbone checkpoint (.safetensors or state dict) instead of its default weights.",

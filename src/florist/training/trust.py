@@ -32,7 +32,17 @@ from .registry import get_mode
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
-    from .pipeline import Fitted, Job  # noqa: F401 (annotations only)
+    from .job import Fitted, Job  # noqa: F401 (annotations only)
+
+
+@dataclass
+class HeldOut:
+    """Probabilities of training photos from models that did not learn from them (a cross-fit), before calibration."""
+
+    probs: np.ndarray  # [N, classes]
+    labels: np.ndarray  # [N]
+    paths: list[str]  # which photos, in row order
+    folds: int  # of the cross-fit
 
 
 @dataclass
@@ -45,17 +55,16 @@ class Trust:
     label_issues: list[LabelIssue] = field(default_factory=list)  # of the run's photos, most suspect first
 
 
-def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
-    """Calibrate ``fitted`` by cross-fitting, and fit the out-of-distribution detector on ``reference`` features.
+def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone], held: HeldOut | None) -> Trust:
+    """Calibrate ``fitted`` on ``held``, and fit the out-of-distribution detector on ``reference`` features.
 
     Args:
-        job: the run's job; its backbones hold the fitted model's weights, and hold them again on return.
+        job: the run's job.
         fitted: the final fit.
         reference: the backbones with their ImageNet weights, for the detector's features.
+        held: the cross-fit's probabilities (:func:`held_out`); None: calibration is off.
     """
-    t = time.perf_counter()
-    temperature, metrics = _calibrate(job, fitted)
-    job.timings["calibration_s"] = time.perf_counter() - t
+    temperature, metrics = calibrate(held, fitted) if held is not None else (1.0, {})
     t = time.perf_counter()
     used = fitted.train + fitted.eval
     features = reference_features(job, reference, used) if len(fitted.train) >= 2 else None
@@ -73,14 +82,24 @@ def fit_trust(job: Job, fitted: Fitted, reference: list[Backbone]) -> Trust:
     return Trust(temperature, detector, metrics, issues)
 
 
-def _calibrate(job: Job, fitted: Fitted) -> tuple[float, dict[str, Any]]:
-    """The temperature from a cross-fit, and its figures (1.0 and none when calibration is off or impossible)."""
+def held_out(job: Job) -> HeldOut | None:
+    """The cross-fit's held-out probabilities, timed; None when calibration is off or impossible.
+
+    Impossible: a class too small to be both trained on and held out.
+    """
     folds = job.cfg.calibration_folds or 0
     counts = np.bincount([it.label for it in job.prepared.train], minlength=len(job.prepared.classes))
-    if folds < 2 or counts.min() < 2:  # off, or a class too small to be both trained on and held out
-        return 1.0, {}
-    held_probs, held_y = cross_fit(job, folds)
-    temperature = fit_temperature(held_probs, held_y)
+    if folds < 2 or counts.min() < 2:
+        return None
+    t = time.perf_counter()
+    held = cross_fit(job, folds)
+    job.timings["calibration_s"] = job.timings.get("calibration_s", 0.0) + time.perf_counter() - t
+    return held
+
+
+def calibrate(held: HeldOut, fitted: Fitted) -> tuple[float, dict[str, Any]]:
+    """The temperature fitted on ``held``, and its figures for metrics.json."""
+    temperature = fit_temperature(held.probs, held.labels)
     eval_y = np.array([it.label for it in fitted.eval], dtype=np.int64)
 
     def ece(probs: np.ndarray, y: np.ndarray, t: float) -> float | None:
@@ -89,10 +108,10 @@ def _calibrate(job: Job, fitted: Fitted) -> tuple[float, dict[str, Any]]:
     return temperature, {
         "calibration": {
             "method": "temperature",
-            "folds": folds,
+            "folds": held.folds,
             "temperature": temperature,
-            "heldout_ece_before": ece(held_probs, held_y, 1.0),
-            "heldout_ece_after": ece(held_probs, held_y, temperature),
+            "heldout_ece_before": ece(held.probs, held.labels, 1.0),
+            "heldout_ece_after": ece(held.probs, held.labels, temperature),
             "ece_before": ece(fitted.eval_probs, eval_y, 1.0),
             "ece_after": ece(fitted.eval_probs, eval_y, temperature),
         }
@@ -112,20 +131,19 @@ def _folds(items: list[Item], folds: int, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([it.label for it in items])
-    k = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))  # _calibrate checked every class has 2
+    k = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))  # held_out checked every class has 2
     return [held for _, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)]
 
 
-def cross_fit(job: Job, folds: int) -> tuple[np.ndarray, np.ndarray]:
+def cross_fit(job: Job, folds: int) -> HeldOut:
     """Held-out probabilities of the training photos: the mode's ``fit`` on each k-1 folds, predicting the k-th.
 
-    Returns:
-        ``[N, classes]`` probabilities and ``[N]`` labels of the held-out photos (failed ones left out).
+    Failed photos are left out of the result.
     """
     train = job.prepared.train
     nets = [b.model for b in job.backbones]
     fitted_state = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
-    probs, ys = [], []
+    probs, held_items = [], []
     parts = _folds(train, folds, job.cfg.seed)
     with tempfile.TemporaryDirectory(prefix="florist-fold-") as scratch, progress_bar(
         "Calibrating (cross-fit)", enabled=job.verbose, unit="folds"
@@ -146,11 +164,12 @@ def cross_fit(job: Job, folds: int) -> tuple[np.ndarray, np.ndarray]:
             )
             result = get_mode(job.cfg.mode).fit(sub)
             probs.append(result.eval_probs)
-            ys.append(np.array([it.label for it in result.eval], dtype=np.int64))
+            held_items.extend(result.eval)
         bar(len(parts), len(parts))
     for net, state in zip(nets, fitted_state):
         net.load_state_dict(state)
-    return np.concatenate(probs), np.concatenate(ys)
+    labels = np.array([it.label for it in held_items], dtype=np.int64)
+    return HeldOut(np.concatenate(probs), labels, [it.path for it in held_items], len(parts))
 
 
 def reference_features(job: Job, reference: list[Backbone], items: list[Item]) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..settings import COMMON, TrainConfig
 if TYPE_CHECKING:
     from ...backbones import Backbone
     from ...data import Prepared
-    from ..pipeline import Fitted, Job
+    from ..job import Fitted, Job
 
 
 def fit(job: Job) -> Fitted:
@@ -33,9 +33,10 @@ def fit(job: Job) -> Fitted:
     from ...features import PIXELS, view_names
     from ...progress import progress_bar
     from ..blocks import split_backbone, tuned_state
+    from ..job import Fitted
     from ..loop import Watch
     from ..network import FinetuneConfig, fit_finetune, load_checkpoint
-    from ..pipeline import Fitted, extract_splits, labels
+    from ..pipeline import extract_splits, labels
     from .tune_top import tuning_settings
 
     cfg, (backbone,) = job.cfg, job.backbones  # one_backbone checked it
@@ -95,7 +96,7 @@ def fit(job: Job) -> Fitted:
     return Fitted(
         head, asdict(history), kept["train"], kept["eval"], eval_probs, warm_computed + computed,
         views=view_names(0),  # the clean view: finetune's random views are drawn at each step, not cached
-        backbone_state=state,
+        backbone_states=[state],
         extra_metrics={"finetune": {**info, "warm_start": warm_cfg.mode, "warm_start_top1": warm_top1}},
     )
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..registry import ByValue, Mode, register
 
 if TYPE_CHECKING:
-    from ..pipeline import Fitted, Job
+    from ..job import Fitted, Job
 
 
 def fit(job: Job) -> Fitted:
@@ -25,9 +25,10 @@ def fit(job: Job) -> Fitted:
     from ...features import view_names
     from ...predict import average_probabilities
     from ...progress import progress_bar
+    from ..job import Fitted
     from ..linear import fit_head
     from ..loop import Watch
-    from ..pipeline import Fitted, extract_splits, labels
+    from ..pipeline import extract_splits, labels
 
     cfg = job.cfg
     t = time.perf_counter()

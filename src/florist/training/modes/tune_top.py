@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..registry import Mode, one_backbone, register
+from ..registry import Mode, register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..pipeline import Fitted, Job
+    from ..job import Fitted, Job
     from ..settings import TrainConfig
 
 
@@ -31,11 +31,12 @@ def fit(job: Job) -> Fitted:
     from ...features import view_names
     from ...progress import progress_bar
     from ..blocks import TopConfig, evaluate_top, fit_top, split_backbone, tuned_state
+    from ..job import Fitted
     from ..loop import Watch
-    from ..pipeline import Fitted, extract_splits, labels
+    from ..pipeline import extract_splits, labels
 
     cfg = job.cfg
-    (backbone,) = job.backbones  # one_backbone checked it
+    (backbone,) = job.backbones  # several are an ensemble: one job each (florist.training.ensemble)
     split = split_backbone(backbone, cfg.blocks)
     t = time.perf_counter()
     views = view_names(cfg.views)
@@ -61,7 +62,7 @@ def fit(job: Job) -> Fitted:
     job.timings["train_s"] = time.perf_counter() - t
     eval_probs = evaluate_top(split.top, head, eval_acts)
     state = tuned_state(backbone.model, split.top_prefixes)
-    return Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, views, state)
+    return Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, views, [state])
 
 
 def tuning_settings(cfg: TrainConfig, train_y: np.ndarray, num_classes: int, bf16: bool) -> dict[str, Any]:
@@ -104,6 +105,6 @@ MODE = register(
         fit=fit,
         order=1,
         instead={"optimizer": ADAMW, "decay_rate": ADAMW, "decay_steps": ADAMW},
-        check=one_backbone,
+        ensemble=True,
     )
 )
