@@ -56,6 +56,15 @@ def fit_ensemble(job: Job, fit: Callable[[Job], Fitted]) -> tuple[Fitted, HeldOu
         probabilities the members' combination before the run's temperature) and the
         held-out probabilities of the combination, from which the run's temperature is fitted.
     """
+    members = fit_members(job, fit)
+    return combined(members), combined_held(members)
+
+
+def fit_members(job: Job, fit: Callable[[Job], Fitted]) -> list[Member]:
+    """Each backbone's member: ``fit`` on a job of its own, its cross-fit and its temperature.
+
+    The members' times are summed into ``job.timings``.
+    """
     members = []
     for index, backbone in enumerate(job.backbones):
         name = backbone.spec.name
@@ -70,7 +79,7 @@ def fit_ensemble(job: Job, fit: Callable[[Job], Fitted]) -> tuple[Fitted, HeldOu
     for key in ("features_s", "train_s", "calibration_s"):
         if any(key in m.timings for m in members):
             job.timings[key] = sum(m.timings.get(key, 0.0) for m in members)
-    return _combined(members), _combined_held(members)
+    return members
 
 
 @contextmanager
@@ -86,16 +95,19 @@ def _member_board(job: Job, name: str) -> Iterator[Board | None]:
         yield board
 
 
-def _weights(members: Sequence[Member]) -> list[float]:
+def equal_weights(members: Sequence[Member]) -> list[float]:
     return [1.0 / len(members)] * len(members)
 
 
-def _combined(members: Sequence[Member]) -> Fitted:
-    """The members as one :class:`~florist.training.pipeline.Fitted`, on the photos every member kept."""
+def combined(members: Sequence[Member], weights: Sequence[float] | None = None) -> Fitted:
+    """The members as one :class:`~florist.training.job.Fitted`, on the photos every member kept.
+
+    ``weights``: of each member in the average (default: equal).
+    """
     first = members[0].fitted
     train = _common(first.train, [m.fitted.train for m in members])
     eval_items = _common(first.eval, [m.fitted.eval for m in members])
-    weights = _weights(members)
+    weights = list(weights) if weights is not None else equal_weights(members)
     eval_probs = _average(
         [_member_eval(m, apply_temperature(m.fitted.eval_probs, m.temperature), eval_items) for m in members],
         weights,
@@ -141,7 +153,7 @@ def _member_eval(member: Member, probs: np.ndarray, eval_items: Sequence[Item]) 
     return _rows(_paths(member.fitted.eval), probs, _paths(eval_items))
 
 
-def _combined_held(members: Sequence[Member]) -> HeldOut | None:
+def combined_held(members: Sequence[Member], weights: Sequence[float] | None = None) -> HeldOut | None:
     """The members' held-out probabilities, each calibrated, averaged on the photos all of them held out."""
     helds = [m.held for m in members if m.held is not None]
     if len(helds) < len(members):
@@ -150,7 +162,8 @@ def _combined_held(members: Sequence[Member]) -> HeldOut | None:
     paths = [p for p in helds[0].paths if p in shared]
     parts = [apply_temperature(_rows(h.paths, h.probs, paths), m.temperature) for m, h in zip(members, helds)]
     labels = _rows(helds[0].paths, helds[0].labels, paths)
-    return HeldOut(_average(parts, _weights(members)), labels, paths, helds[0].folds)
+    weights = list(weights) if weights is not None else equal_weights(members)
+    return HeldOut(_average(parts, weights), labels, paths, helds[0].folds)
 
 
 def _common(order: list[Item], lists: Sequence[list[Item]]) -> list[Item]:
