@@ -40,6 +40,9 @@ CONFIGS: dict[str, dict] = {
     "head (7 views)": {"mode": "head", "views": 7},
     "head (lite0+lite2)": {"mode": "head", "backbone": "efficientnet_lite0,efficientnet_lite2"},
     "tune-top": {"mode": "tune-top"},
+    "tune-top ensemble (lite0+1+2)": {
+        "mode": "tune-top", "backbone": "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+    },
     "finetune": {"mode": "finetune"},
 }
 
@@ -62,14 +65,16 @@ def run_one(name: str, overrides: dict, data: Path, work: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     bundle = json.loads((out / "model.json").read_text())
     cfg = bundle["train_config"]
+    members = metrics.get("ensemble", {}).get("members", [])
+    history = members[0]["history"] if members else metrics["history"]  # an ensemble's members share epochs
     return {
         "name": name,
         "mode": metrics["mode"],
         "backbone": cfg["backbone"],
         "views": "new each step" if metrics["mode"] == "finetune" else len(metrics["views"]),
         "tta": cfg["tta"],
-        "epochs": len(metrics["history"]["step"]),  # one history point per epoch
-        "steps": metrics["history"]["step"][-1],
+        "epochs": len(history["step"]),  # one history point per epoch
+        "steps": history["step"][-1],
         "optimizer": OPTIMIZER.get(metrics["mode"], cfg["optimizer"]),
         "top1": metrics["top1"],
         "top5": metrics["top5"],

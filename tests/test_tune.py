@@ -136,6 +136,8 @@ def test_tune_top_over_several_backbones_trains_an_ensemble(photos: Path, tmp_pa
     state = load_file(str(run / "model.safetensors"))
     assert {k.split(".")[0] for k in state} == {"members", "backbone", "backbone1", "ood"}
     assert [(run / "tb" / name).is_dir() for name in names] == [True, True]
+    html = (run / "report.html").read_text()
+    assert 'id="ensemble"' in html and all(f"training curves of {name}" in html for name in names)
 
     loaded = florist.load(run)
     assert [b.tuned_id for b in loaded.backbones] == [b.tuned_id for b in model.backbones]

@@ -34,7 +34,10 @@ from .runtime import refuse_ood_threshold
 
 
 class Classifier:
-    """A frozen backbone plus a trained head, with the class names and preprocessing.
+    """Backbones plus a trained head, with the class names and preprocessing.
+
+    The head is one linear layer on the backbones' features side by side, or an
+    ensemble's member heads, one per backbone (:class:`~florist.ensemble.EnsembleHead`).
 
     Use :func:`florist.load` to get one from a run folder.
 

@@ -222,11 +222,12 @@ def reliability_png(probs: np.ndarray, labels: np.ndarray, temperature: float) -
     ``probs`` are the calibrated probabilities; the uncalibrated ones are recovered exactly by
     the inverse temperature (``softmax(T * log p)``).
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from .calibration import apply_temperature, expected_calibration_error, reliability
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=100)
+    fig = Figure(figsize=(4.8, 4.4), dpi=100)  # not pyplot's: its figures stay open until closed
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
     curves = [("after", probs, "tab:blue")]
     if temperature != 1.0:
@@ -457,6 +458,7 @@ def _context(run: Path) -> dict[str, Any]:
         "classes": classes,
         "temperature": model.get("temperature", 1.0),
         "calibration": metrics.get("calibration"),
+        "ensemble": metrics.get("ensemble"),
         "ood": metrics.get("ood"),
         "eval_predictions": (items, probs),
     }
@@ -492,6 +494,11 @@ def write_report(run_dir: str | Path) -> Path:
     _add_heatmaps(run, context["gallery"])
     metrics = context["metrics"]
     context["confusion_png"] = context["curves_png"] = context["reliability_png"] = None
+    context["member_curves"] = [
+        (m["backbone"], base64.b64encode(curves_png(m["history"])).decode("ascii"))
+        for m in (metrics.get("ensemble") or {}).get("members", [])
+        if m.get("history", {}).get("step")
+    ]
     if "confusion_matrix" in metrics:
         png = confusion_matrix_png(metrics["confusion_matrix"], context["classes"])
         atomic_write_bytes(run / CONFUSION_PNG, png)
