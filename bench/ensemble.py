@@ -25,14 +25,14 @@ Writes ``bench/results/ensemble.json`` and the table between README.md's
 
 from __future__ import annotations
 
+import argparse
 import itertools
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from readme_table import results_parser, rewrite_table, write_results
+from readme_table import photo_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "ensemble.json"
@@ -140,7 +140,7 @@ def cross_validate(photos: Path, folds: int, seed: int) -> dict:
         for f, (train, held) in enumerate(splits)
     ]
     return {
-        "folds": folds, "seed": seed, "photos": len(items), "per_fold": results,
+        "folds": folds, "seed": seed, "n_photos": len(items), "per_fold": results,
         "summary": summarise(results), "member_seconds": member_seconds(results),
     }  # fmt: skip
 
@@ -182,7 +182,7 @@ def table(r: dict) -> str:
         )
     lines += [
         "",
-        f"_tune-top per network, {r['folds']}-fold stratified CV of {r['photos']} photos (each fold trains on the "
+        f"_tune-top per network, {r['folds']}-fold stratified CV of {r['n_photos']} photos (each fold trains on the "
         "others); a subset averages its members' calibrated probabilities with equal weights (what "
         "`--backbone a,b,c` saves) or with weights fitted on the training part's held-out probabilities "
         "(fitted). "
@@ -192,20 +192,14 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
-    parser = results_parser(__doc__, RESULTS)
-    parser.add_argument("photos", type=Path, nargs="?", help="a photo folder (not needed with --table-only)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if rewrite_table(args, "ensemble-table", table, ROOT / "README.md"):
-        return
-    if args.photos is None:
-        parser.error("the photo folder is required")
-    sys.path.insert(0, str(ROOT / "src"))
-    report = {"measured": time.strftime("%Y-%m-%d %H:%M"), "photos_dir": str(args.photos)}
-    report.update(cross_validate(args.photos, args.folds, args.seed))
-    print(table(report))
-    write_results(report, args.out, RESULTS, "ensemble-table", table(report), ROOT / "README.md")
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--folds", type=int, default=5)
+        parser.add_argument("--seed", type=int, default=0)
+
+    photo_bench(
+        __doc__, RESULTS, "ensemble-table", table, lambda args: cross_validate(args.photos, args.folds, args.seed),
+        arguments,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ markers.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from readme_table import results_parser, rewrite_table, write_results
+from readme_table import photo_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fixres.json"
@@ -115,17 +114,7 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
-    parser = results_parser(__doc__, RESULTS)
-    parser.add_argument("photos", type=Path, nargs="?", help="a photo folder (not needed with --table-only)")
-    args = parser.parse_args()
-    if rewrite_table(args, "fixres-table", table, ROOT / "README.md"):
-        return
-    if args.photos is None:
-        parser.error("the photo folder is required")
-    sys.path.insert(0, str(ROOT / "src"))
-    report = {"measured": time.strftime("%Y-%m-%d %H:%M"), "photos": str(args.photos), **measure(args.photos)}
-    print(table(report))
-    write_results(report, args.out, RESULTS, "fixres-table", table(report), ROOT / "README.md")
+    photo_bench(__doc__, RESULTS, "fixres-table", table, lambda args: measure(args.photos))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def update_readme(name: str, text: str, readme: Path) -> None:
@@ -58,3 +61,29 @@ def rewrite_table(args: argparse.Namespace, name: str, table: Callable[[dict], s
     if args.table_only:
         update_readme(name, table(json.loads(args.out.read_text())), readme)
     return args.table_only
+
+
+def photo_bench(
+    description: str,
+    default: Path,
+    name: str,
+    table: Callable[[dict], str],
+    measure: Callable[[argparse.Namespace], dict],
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+) -> None:
+    """The command line of a bench over one photo folder: measure, write ``default``'s JSON and README table ``name``.
+
+    ``measure(args)`` gives the figures (``args.photos`` is the folder); ``arguments`` adds the bench's own options.
+    """
+    parser = results_parser(description, default)
+    parser.add_argument("photos", type=Path, nargs="?", help="a photo folder (not needed with --table-only)")
+    arguments(parser)
+    args = parser.parse_args()
+    if rewrite_table(args, name, table, ROOT / "README.md"):
+        return
+    if args.photos is None:
+        parser.error("the photo folder is required")
+    sys.path.insert(0, str(ROOT / "src"))
+    report = {"measured": time.strftime("%Y-%m-%d %H:%M"), "photos": str(args.photos), **measure(args)}
+    print(table(report))
+    write_results(report, args.out, default, name, table(report), ROOT / "README.md")
