@@ -35,6 +35,11 @@ class Job:
     resume: bool
     timings: dict[str, float]
     initial_state: list[dict[str, torch.Tensor]] = field(default_factory=list)  # backbones before the fit
+    curves: bool = True  # score the eval split after every epoch (the cross-fit's folds skip it: nobody reads them)
+
+    def curve_views(self, views: list[Any]) -> list[Any]:
+        """``views`` of the eval split for the per-epoch curves, or none when :attr:`curves` is off."""
+        return views if self.curves else []
 
 
 @dataclass

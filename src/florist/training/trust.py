@@ -161,6 +161,7 @@ def cross_fit(job: Job, folds: int) -> HeldOut:
                 verbose=False,
                 resume=False,
                 timings={},
+                curves=False,
             )
             result = get_mode(job.cfg.mode).fit(sub)
             probs.append(result.eval_probs)

@@ -41,7 +41,7 @@ def fit(job: Job) -> Fitted:
         watch = Watch(labels(kept["eval"]), job.board, bar)
         train_x = np.concatenate([feats["train"][v] for v in views])
         n = len(job.prepared.classes)
-        head, history = fit_head(train_x, labels(kept["train"], len(views)), n, cfg, eval_x=eval_x, watch=watch)
+        head, history = fit_head(train_x, labels(kept["train"], len(views)), n, cfg, eval_x=job.curve_views(eval_x), watch=watch)
     job.timings["train_s"] = time.perf_counter() - t
     eval_probs = average_probabilities(head, eval_x)
     return Fitted(head, asdict(history), kept["train"], kept["eval"], eval_probs, computed, views)

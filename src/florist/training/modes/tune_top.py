@@ -58,7 +58,7 @@ def fit(job: Job) -> Fitted:
     with progress_bar("Tuning top blocks", enabled=job.verbose, unit="steps") as bar:
         watch = Watch(labels(kept["eval"]), job.board, bar)
         train_acts = np.concatenate([acts["train"][v] for v in views])
-        history = fit_top(split, head, train_acts, train_y, top_cfg, eval_acts=eval_acts, watch=watch)
+        history = fit_top(split, head, train_acts, train_y, top_cfg, eval_acts=job.curve_views(eval_acts), watch=watch)
     job.timings["train_s"] = time.perf_counter() - t
     eval_probs = evaluate_top(split.top, head, eval_acts)
     state = tuned_state(backbone.model, split.top_prefixes)
