@@ -15,7 +15,7 @@ TensorBoard curves go to ``tb/<backbone>``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +86,7 @@ def fit_members(job: Job, fit: Callable[[Job], Fitted]) -> list[Member]:
 def _member_board(job: Job, name: str) -> Iterator[Board | None]:
     """The member's own TensorBoard log under ``tb/<backbone>`` (none where the run has none)."""
     if job.board is None:
-        with nullcontext(None) as none:
-            yield none
+        yield None
         return
     from ..report import Board as TensorBoard
 
