@@ -198,7 +198,7 @@ def test_several_backbones_concatenate_cached_features(photos: Path, tmp_path: P
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"backbone": "efficientnet_lite0,efficientnet_lite1", "mode": "tune-top"}, "is for mode='head'"),
+        ({"backbone": "efficientnet_lite0,efficientnet_lite1", "mode": "finetune"}, "is for mode='head'"),
         ({"backbone": "efficientnet_lite0,efficientnet_lite0"}, "lists a network twice"),
         ({"backbone": "efficientnet_lite0,efficientnet_lite1", "weights": "w.safetensors"}, "single backbone"),
     ],

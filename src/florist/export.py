@@ -108,7 +108,8 @@ class ExportGraph(nn.Module):
         return self.head(self.features(*pixels)).float()
 
     def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
-        views = self.features(*pixels).chunk(len(self.views))
+        features = self.features(*pixels)
+        views = features.chunk(len(self.views)) if len(self.views) > 1 else [features]  # LiteRT lowers no 1-way split
         return temperature_scaled(view_probabilities(self.head, views), self.temperature)
 
 
