@@ -105,8 +105,9 @@ def tuned_prefix(index: int) -> str:
 
 
 def _is_tuned_key(key: str) -> bool:
-    first = key.split(".", 1)[0]
-    return first == "backbone" or (first.startswith("backbone") and first[len("backbone") :].isdigit())
+    """True for a key :func:`tuned_prefix` gives, whatever the backbone's index."""
+    stem, first = BACKBONE_PREFIX.rstrip("."), key.split(".", 1)[0]
+    return first.startswith(stem) and (first == stem or first[len(stem) :].isdigit())
 
 
 def tuned_tensors(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:

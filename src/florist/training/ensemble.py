@@ -104,8 +104,8 @@ def combined(members: Sequence[Member], weights: Sequence[float] | None = None) 
     ``weights``: of each member in the average (default: equal).
     """
     first = members[0].fitted
-    train = _common(first.train, [m.fitted.train for m in members])
-    eval_items = _common(first.eval, [m.fitted.eval for m in members])
+    train = _kept_by_all(first.train, [m.fitted.train for m in members])
+    eval_items = _kept_by_all(first.eval, [m.fitted.eval for m in members])
     weights = list(weights) if weights is not None else equal_weights(members)
     eval_probs = _average(
         [_member_eval(m, apply_temperature(m.fitted.eval_probs, m.temperature), eval_items) for m in members],
@@ -157,17 +157,22 @@ def combined_held(members: Sequence[Member], weights: Sequence[float] | None = N
     helds = [m.held for m in members if m.held is not None]
     if len(helds) < len(members):
         return None
-    shared = set.intersection(*(set(h.paths) for h in helds))
-    paths = [p for p in helds[0].paths if p in shared]
+    paths = _shared(helds[0].paths, [h.paths for h in helds])
     parts = [apply_temperature(_rows(h.paths, h.probs, paths), m.temperature) for m, h in zip(members, helds)]
     labels = _rows(helds[0].paths, helds[0].labels, paths)
     weights = list(weights) if weights is not None else equal_weights(members)
     return HeldOut(_average(parts, weights), labels, paths, helds[0].folds)
 
 
-def _common(order: list[Item], lists: Sequence[list[Item]]) -> list[Item]:
-    """Items of ``order`` present in every one of ``lists`` (a photo one member failed to read is dropped)."""
-    kept = set.intersection(*({it.path for it in items} for items in lists))
+def _shared(order: Sequence[str], lists: Sequence[Sequence[str]]) -> list[str]:
+    """Paths of ``order`` present in every one of ``lists``, in ``order``'s order."""
+    kept = set.intersection(*(set(paths) for paths in lists))
+    return [p for p in order if p in kept]
+
+
+def _kept_by_all(order: list[Item], lists: Sequence[list[Item]]) -> list[Item]:
+    """Items of ``order`` every member kept (a photo one member failed to read is dropped)."""
+    kept = set(_shared(_paths(order), [_paths(items) for items in lists]))
     return [it for it in order if it.path in kept]
 
 
