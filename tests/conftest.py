@@ -49,6 +49,20 @@ def write_photos(root: Path, n_per_class: int = 8, colours: dict = COLOURS, seed
 TINY_BACKBONE = "test_efficientnet"
 
 
+def cache_entries(cache: Path) -> dict[tuple[str, str], np.ndarray]:
+    """Every published entry of a feature cache, by (cache key, image hash); each must pass its checksum."""
+    from florist.store import FeatureCache, cache_keys
+
+    entries = {}
+    for key in cache_keys(cache):
+        with FeatureCache(cache, key) as store:
+            shas = store.shas()
+            got = store.get_many(shas)
+            assert len(got) == len(shas), f"damaged entries under {key}"
+            entries.update(((key, shas[i]), np.array(array)) for i, array in got.items())
+    return entries
+
+
 def seeded_weights(name: str, path: Path) -> Path:
     """Seeded random weights for the timm model ``name`` in a safetensors file at ``path`` (no download).
 

@@ -20,16 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import cache_entries
 from safetensors.torch import load_file
 
 import florist
 from florist import FloristError
 from florist.bundle import is_complete
-from florist.features import FeatureCache
 from florist.files import folder_lock
 from florist.runfiles import CHECKPOINT
+from florist.store import SHARD_MB_ENV
 from florist.training.network import load_checkpoint
 
 CRASHPOINT = Path(__file__).with_name("crashpoint.py")
@@ -41,10 +43,24 @@ FINETUNE = {"mode": "finetune", "blocks": 1, "eval_fraction": 0.25, "steps": 4, 
 FINETUNE_ARGS = [
     "--mode", "finetune", "--blocks", "1", "--eval-fraction", "0.25", "--steps", "4", "--batch-size", "6", "--warmup", "0.25"
 ]
-#: Feature cache entries (their names are content hashes), not model.safetensors.
-ENTRY = "[0-9a-f]*.safetensors"
+#: Feature cache shards (each published by one rename).
+ENTRY = "*.shard"
 #: Entries of the head runs below: 18 training images x (clean, flip) + 6 eval images x (clean, flip).
 HEAD_ENTRIES = 48
+#: Shards of 4 tiny-network feature rows (1 KiB each), so a run publishes many and can be killed between them.
+SHARD_MB = str(4 * 1024 / 2**20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_shards() -> None:
+    """Every process of this module, the killed ones included, publishes a shard every 4 feature rows."""
+    before = os.environ.get(SHARD_MB_ENV)
+    os.environ[SHARD_MB_ENV] = SHARD_MB
+    yield
+    if before is None:
+        os.environ.pop(SHARD_MB_ENV)
+    else:
+        os.environ[SHARD_MB_ENV] = before
 
 
 def train_cmd(photos: Path, run: Path, cache: Path, args: list[str]) -> list[str]:
@@ -84,11 +100,8 @@ def killed_at_random(argv: list[str], cache: Path, rng: random.Random) -> bool:
 
 
 def valid_entries(cache: Path) -> int:
-    """How many entries the cache holds; each must pass its checksum (no torn file under a final name)."""
-    entries = [p for p in cache.rglob("*.safetensors") if not p.name.startswith(".")]
-    for path in entries:
-        assert FeatureCache(cache, path.parent.parent.name).get(path.stem) is not None, f"damaged entry {path}"
-    return len(entries)
+    """How many entries the cache holds; each must pass its checksum (no torn shard under a final name)."""
+    return len(cache_entries(cache))
 
 
 def assert_unfinished(run: Path) -> None:
@@ -105,11 +118,9 @@ def assert_same_model(run: Path, reference: Path, cache: Path, reference_cache: 
     """
     ours, theirs = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    features_identical = all(
-        torch.equal(load_file(p)["features"], load_file(reference_cache / p.relative_to(cache))["features"])
-        for p in cache.rglob("*.safetensors")
-        if not p.name.startswith(".")
-    )
+    ours_cached, theirs_cached = cache_entries(cache), cache_entries(reference_cache)
+    assert ours_cached.keys() == theirs_cached.keys()
+    features_identical = all(np.array_equal(ours_cached[k], theirs_cached[k]) for k in ours_cached)
     for k in ours:
         if features_identical:
             assert torch.equal(ours[k], theirs[k]), k
@@ -138,13 +149,15 @@ def test_killed_while_caching_features_resumes_to_the_same_model(
     run, cache = tmp_path / "run", tmp_path / "cache"
     argv = train_cmd(photos, run, cache, [*HEAD_ARGS, *tiny_cli])
 
-    killed_at(f"{ENTRY}:3:torn", argv)  # mid-write of the 3rd entry
-    assert valid_entries(cache) == 2
-    assert len(list(cache.rglob(".*.tmp"))) == 1, "the torn entry exists only as a temporary file"
+    killed_at(f"{ENTRY}:3:torn", argv)  # mid-write of the 3rd shard
+    first = valid_entries(cache)
+    assert 0 < first < HEAD_ENTRIES, "the two shards published before the kill"
+    assert len(list(cache.rglob(".*.tmp"))) >= 1, "the torn shard exists only as a temporary file"
     assert_unfinished(run)
 
-    killed_at(f"{ENTRY}:20:before", argv)  # rerun: 16 entries on, killed with one written but not renamed
-    assert valid_entries(cache) == 2 + 19
+    killed_at(f"{ENTRY}:4:before", argv)  # rerun: 3 more shards, killed with the 4th written but not renamed
+    second = valid_entries(cache)
+    assert first < second < HEAD_ENTRIES
 
     seed = random.randrange(2**32)
     print(f"random kill: seed {seed}")  # shown if the test fails
@@ -191,9 +204,9 @@ def test_finetune_killed_mid_checkpoint_resumes_from_the_last_good_one(
     run, cache = tmp_path / "run", tmp_path / "cache"
     argv = train_cmd(photos, run, cache, [*FINETUNE_ARGS, *tiny_cli])
 
-    # warm-start features cached (30 entries), then killed mid-write of the 10th decoded-pixels entry
-    killed_at(f"{ENTRY}:40:torn", argv)
-    assert valid_entries(cache) == 39
+    # killed mid-write of the 16th shard, while caching pixels and warm-start features (24 + 30 entries)
+    killed_at(f"{ENTRY}:16:torn", argv)
+    assert 0 < valid_entries(cache) < 24 + 30
     assert not (run / CHECKPOINT).exists()
 
     # rerun: epoch 1's checkpoint written, killed in the middle of writing epoch 2's

@@ -91,49 +91,44 @@ def test_cache_is_used_and_survives_corruption(tiny_backbone, images, tmp_path):
     cache = FeatureCache(tmp_path / "cache", feature_key(tiny_backbone))
     first = extract_features(tiny_backbone, images, shas=shas, cache=cache)
     assert first.computed == len(images)
-    files = sorted(cache.dir.rglob("*.safetensors"))
-    assert len(files) == len(images)
-    assert {f.stem for f in files} == set(shas)
+    (shard,) = cache.dir.glob("*.shard")  # one file for every image of the call
+    assert not list(cache.dir.glob(".*"))
 
-    second = extract_features(tiny_backbone, images, shas=shas, cache=cache)
+    second = extract_features(tiny_backbone, images, shas=shas, cache=FeatureCache(cache.dir.parent, cache.dir.name))
     assert second.computed == 0
     assert np.array_equal(second.features, first.features)
 
-    # a corrupted entry is recomputed, not crashed on, and rewritten
-    bad = cache._path(shas[1])
-    bad.write_bytes(b"\x07junk bytes, not safetensors")
-    third = extract_features(tiny_backbone, images, shas=shas, cache=cache)
+    # a damaged row is recomputed (into a new shard), not trained on; the others are still served
+    data = bytearray(shard.read_bytes())
+    data[tiny_backbone.num_features * 4 + 5] ^= 0x40  # inside image 1's row
+    shard.write_bytes(bytes(data))
+    third = extract_features(tiny_backbone, images, shas=shas, cache=FeatureCache(cache.dir.parent, cache.dir.name))
     assert third.computed == 1
     assert third.errors == {}
     # rtol: features reach ~10, and one image recomputed alone (another batch) differs in its last bits
     np.testing.assert_allclose(third.features, first.features, atol=1e-6, rtol=1e-5)
-    assert cache.get(shas[1]) is not None
+    assert len(list(cache.dir.glob("*.shard"))) == 2
 
     # an entry of the wrong size is not trusted either
+    cache = FeatureCache(cache.dir.parent, cache.dir.name)
     cache.put(shas[2], np.zeros(7, dtype=np.float32))
-    fourth = extract_features(tiny_backbone, images, shas=shas, cache=cache)
+    cache.flush()
+    fourth = extract_features(tiny_backbone, images, shas=shas, cache=FeatureCache(cache.dir.parent, cache.dir.name))
     assert fourth.computed == 1
     np.testing.assert_allclose(fourth.features, first.features, atol=1e-6, rtol=1e-5)
 
 
-def test_cache_entry_damaged_on_disk_is_recomputed_not_trained_on(tiny_backbone, images, tmp_path):
-    """A flipped bit inside an entry's numbers still parses as safetensors: the checksum catches it."""
-    shas = [sha256_file(p) for p in images[:2]]
-    cache = FeatureCache(tmp_path / "cache", feature_key(tiny_backbone))
-    first = extract_features(tiny_backbone, images[:2], shas=shas, cache=cache)
-    entry = cache._path(shas[0])
-    data = bytearray(entry.read_bytes())
-    data[-7] ^= 0x40  # inside the last float of the array
-    entry.write_bytes(bytes(data))
-    assert cache.get(shas[0]) is None and not entry.exists(), "refused and removed"
-    again = extract_features(tiny_backbone, images[:2], shas=shas, cache=cache)
-    assert again.computed == 1
-    np.testing.assert_allclose(again.features, first.features, atol=1e-6, rtol=1e-5)
-    # an entry without a checksum (written by anything else) is not trusted either
-    from safetensors.numpy import save
-
-    entry.write_bytes(save({"features": np.zeros(tiny_backbone.num_features, dtype=np.float32)}))
-    assert cache.get(shas[0]) is None
+def test_filling_the_cache_only_reads_nothing_back(tiny_backbone, images, tmp_path):
+    """``collect=False`` (a torchrun rank's share, a cluster extraction) computes and stores, returns no rows."""
+    shas = [sha256_file(p) for p in images]
+    key = feature_key(tiny_backbone)
+    filled = extract_features(tiny_backbone, images[:3], shas=shas[:3], cache=FeatureCache(tmp_path, key), collect=False)
+    assert filled.computed == 3 and filled.features.shape == (0, tiny_backbone.num_features)
+    again = extract_features(tiny_backbone, images, shas=shas, cache=FeatureCache(tmp_path, key), collect=False)
+    assert again.computed == 1, "only the image not stored yet"
+    read = extract_features(tiny_backbone, images, shas=shas, cache=FeatureCache(tmp_path, key))
+    assert read.computed == 0
+    np.testing.assert_allclose(read.features, _reference(tiny_backbone, images), atol=1e-5, rtol=1e-5)
 
 
 def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(tiny_backbone, images, tmp_path, caplog):
@@ -143,7 +138,7 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(tiny_backbone, i
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    with mock.patch("florist.features.atomic_write_bytes", full):
+    with mock.patch("florist.store.atomic_open", full):
         result = extract_features(tiny_backbone, images, shas=[sha256_file(p) for p in images], cache=cache)
     assert result.errors == {} and result.computed == len(images)
     np.testing.assert_allclose(result.features, _reference(tiny_backbone, images), atol=1e-5, rtol=1e-5)
@@ -155,6 +150,7 @@ def test_cache_entries_are_served_without_reading_the_image(tiny_backbone, image
     shas = [sha256_file(p) for p in images]
     cache = FeatureCache(tmp_path / "cache", feature_key(tiny_backbone))
     cache.put(shas[0], np.full(tiny_backbone.num_features, 3.0, dtype=np.float32))
+    cache.flush()
     result = extract_features(tiny_backbone, images[:1], shas=shas[:1], cache=cache)
     assert result.computed == 0
     assert np.all(result.features[0] == 3.0)

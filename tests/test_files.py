@@ -95,10 +95,10 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "model.json"]
 
 
-def test_run_files_are_flushed_to_disk_but_cache_entries_are_not(tmp_path: Path, monkeypatch) -> None:
+def test_run_files_and_cache_shards_are_flushed_to_disk_but_not_entry_by_entry(tmp_path: Path, monkeypatch) -> None:
     import numpy as np
 
-    from florist.features import FeatureCache
+    from florist.store import FeatureCache
 
     synced: list[int] = []
     real_fsync = os.fsync
@@ -107,6 +107,9 @@ def test_run_files_are_flushed_to_disk_but_cache_entries_are_not(tmp_path: Path,
     assert len(synced) == 1, "a run's file must reach the disk before it replaces the old one"
     cache = FeatureCache(tmp_path / "cache", "key")
     values = np.arange(8, dtype=np.float32)
-    cache.put("ab" * 32, values)
-    assert len(synced) == 1, "a cache entry is checked on every read, so it is not flushed one by one"
-    np.testing.assert_array_equal(cache.get("ab" * 32), values)
+    for i in range(100):
+        cache.put(f"{i:064x}", values + i)
+    assert len(synced) == 1, "entries are appended to an open shard, not flushed one by one"
+    cache.flush()
+    assert len(synced) == 2, "a shard reaches the disk before it is published"
+    np.testing.assert_array_equal(cache.get(f"{7:064x}"), values + 7)

@@ -15,7 +15,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load as load_arrays
+from conftest import cache_entries
 from safetensors.torch import load as load_tensors
 from typer.testing import CliRunner
 
@@ -344,17 +344,11 @@ def test_torchrun_feature_extraction_matches_one_process(
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    def features(cache: Path) -> dict[str, np.ndarray]:
-        return {
-            p.relative_to(cache).as_posix(): load_arrays(p.read_bytes())["features"]
-            for p in cache.rglob("*.safetensors") if "remote" not in p.relative_to(cache).parts
-        }
-
-    single, double = features(tmp_path / "c1"), features(tmp_path / "c2")
+    single, double = cache_entries(tmp_path / "c1"), cache_entries(tmp_path / "c2")
     assert len(single) == 48, "24 images x (clean, flip)"
     assert single.keys() == double.keys(), "the same cache entries"
     for key in single:
-        np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=str(key))
     two = load_tensors(_files(run)["model.safetensors"])
     expected = {**one.head.state_dict(), **one.ood.state()}  # the head, then the out-of-distribution detector
     assert two.keys() == expected.keys()

@@ -5,9 +5,10 @@ computes it once and stores it under a key made of the image's content hash
 and everything that affects the vector: backbone architecture, exact weights,
 preprocessing and the florist feature version. A second ``train`` on the same
 photos (or on a superset, or with other head settings) reads the cache instead
-of running the network. Entries are single checksummed safetensors files
-written atomically, so a killed run leaves no corrupt entry and concurrent runs
-can share one cache.
+of running the network. The cache is a sharded store (:mod:`florist.store`):
+large checksummed shard files published atomically, so a killed run leaves no
+corrupt entry, concurrent runs can share one cache, and a warm run over a
+million photos opens a few hundred files, not a million.
 """
 
 from __future__ import annotations
@@ -18,24 +19,23 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.numpy import save as st_save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .data import BadImage
 from .engines import FrozenNet, compile_frozen, weights_token
-from .files import atomic_write_bytes, sha256_bytes
+from .files import sha256_bytes
 from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
+from .store import FeatureCache
 from .tfrecord import read_image_bytes
 
 log = logging.getLogger("florist")
@@ -176,65 +176,6 @@ def feature_key(backbone: Backbone, view: str = "clean", seed: int = 0, part: st
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-# ---------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------
-
-
-class FeatureCache:
-    """One folder of per-image feature files: ``<root>/<key>/<sha[:2]>/<sha>.safetensors``.
-
-    Each entry carries the SHA-256 of its array in the safetensors metadata and is
-    only served when the array still matches it: an entry damaged on disk is
-    recomputed, never trained on. Entries are written atomically (see
-    :func:`florist.files.atomic_write_bytes`), so processes sharing the cache, or
-    killed while writing to it, leave whole entries or none; no lock is needed.
-    They are not flushed to disk one by one (``sync=False``): the checksum already
-    catches an entry a power cut damaged, and a flush per entry cost more than the
-    network pass on some disks.
-    """
-
-    def __init__(self, root: str | Path, key: str):
-        self.dir = Path(root) / key
-        self._write_failed = False
-
-    def _path(self, sha: str) -> Path:
-        return self.dir / sha[:2] / f"{sha}.safetensors"
-
-    def get(self, sha: str) -> np.ndarray | None:
-        """The cached array, or None if absent, unreadable or damaged (a damaged entry is removed)."""
-        path = self._path(sha)
-        try:
-            with safe_open(path, framework="np") as f:
-                expected = (f.metadata() or {}).get("sha256")
-                features = f.get_tensor("features")
-        except OSError:  # absent, or unreadable right now: compute it
-            return None
-        except Exception:  # not a safetensors file, or truncated
-            expected, features = None, None
-        if features is not None and expected == _digest(features):
-            return features
-        with suppress(OSError):
-            path.unlink()
-        return None
-
-    def put(self, sha: str, features: np.ndarray) -> None:
-        """Store an array; when the cache cannot be written (read-only, disk full) the run goes on without it."""
-        array = np.ascontiguousarray(features)
-        try:
-            data = st_save({"features": array}, metadata={"sha256": _digest(array)})
-            atomic_write_bytes(self._path(sha), data, sync=False)
-        except OSError as e:
-            if not self._write_failed:
-                log.warning("cannot write the feature cache %s (%s); going on without caching", self.dir, e)
-            self._write_failed = True
-
-
-def _digest(array: np.ndarray) -> str:
-    """Checksum of an array's values, shape and type: what a cache entry must still match."""
-    return sha256_bytes(f"{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes())
 
 
 # ---------------------------------------------------------------------------
@@ -398,6 +339,10 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, view: s
     return _extract(backbone, paths, {view: cache}, **kwargs)[view]
 
 
+#: Entries looked up in the cache at a time: bounds the rows read but not yet copied.
+LOOKUP_CHUNK = 4096
+
+
 @torch.inference_mode()
 def _extract(
     backbone: Backbone,
@@ -413,21 +358,19 @@ def _extract(
     network: nn.Module | None = None,
     out_shape: tuple[int, ...] | None = None,
     dtype: type = np.float32,
+    collect: bool = True,
 ) -> dict[str, FeatureResult]:
-    """Outputs of every view in ``caches`` (view -> its cache or None), each image decoded once."""
+    """Outputs of every view in ``caches`` (view -> its cache or None), each image decoded once.
+
+    ``collect=False`` only fills the caches: nothing is read back and the results'
+    ``features`` are empty, so memory does not grow with the number of images.
+    """
     paths = [str(p) for p in paths]
     views = list(caches)
     shapes = {v: _out_shape(backbone, v, out_shape) for v in views}
-    outputs = {v: np.zeros((len(paths), *shapes[v]), dtype=dtype) for v in views}
-    missing: dict[str, set[int]] = {v: set() for v in views}
+    outputs = {v: np.zeros((len(paths) if collect else 0, *shapes[v]), dtype=dtype) for v in views}
     known = list(shas) if shas else [None] * len(paths)
-    for v in views:
-        for i, sha in enumerate(known):
-            cached = caches[v].get(sha) if (caches[v] is not None and sha) else None
-            if cached is not None and cached.shape == shapes[v]:
-                outputs[v][i] = cached
-            else:
-                missing[v].add(i)
+    missing = {v: _lookup(caches[v], known, outputs[v] if collect else None, shapes[v]) for v in views}
     todo = sorted(set().union(*missing.values()))
     total, done = len(paths), len(paths) - len(todo)
     if progress:
@@ -435,43 +378,70 @@ def _extract(
     errors: dict[int, str] = {}
     ran = dict.fromkeys(views, 0)
     load = [v for v in views if missing[v]]
-    if todo:
-        networked = [v for v in load if not v.endswith(PIXELS)]  # pixel views are their own output
-        net = frozen_pass(backbone, network) if networked else None
-        workers = default_workers(len(todo)) if workers is None else workers
-        loader = DataLoader(
-            _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-        )
-        for idx, pixels, batch_shas, batch_errors in loader:
-            rows = [todo[int(j)] for j in idx]
-            errors.update({row: err for row, err in zip(rows, batch_errors) if err})
-            for v, view_pixels in zip(load, pixels):
-                good = []
-                for j, row in enumerate(rows):
-                    if batch_errors[j] or row not in missing[v]:
+    try:
+        if todo:
+            networked = [v for v in load if not v.endswith(PIXELS)]  # pixel views are their own output
+            net = frozen_pass(backbone, network) if networked else None
+            workers = default_workers(len(todo)) if workers is None else workers
+            loader = DataLoader(
+                _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
+                batch_size=batch_size,
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+            for idx, pixels, batch_shas, batch_errors in loader:
+                rows = [todo[int(j)] for j in idx]
+                errors.update({row: err for row, err in zip(rows, batch_errors) if err})
+                for v, view_pixels in zip(load, pixels):
+                    cache, out = caches[v], outputs[v] if collect else None
+                    wanted = [j for j, row in enumerate(rows) if not batch_errors[j] and row in missing[v]]
+                    if cache is not None:  # hashes known only now that the files were read
+                        late = [batch_shas[j] if not known[rows[j]] else None for j in wanted]
+                        unserved = _lookup(cache, late, out, shapes[v], rows=[rows[j] for j in wanted])
+                        wanted = [j for k, j in enumerate(wanted) if k in unserved]
+                    if not wanted:
                         continue
-                    cache = caches[v]
-                    cached = cache.get(batch_shas[j]) if cache is not None and not known[row] else None
-                    if cached is not None and cached.shape == shapes[v]:
-                        outputs[v][row] = cached  # the hash was known only once the file was read
-                    else:
-                        good.append(j)
-                if not good:
-                    continue
-                ran[v] += len(good)
-                view_net = net if v in networked else None
-                out = _forward(view_net, view_pixels[good], forward_batch).astype(dtype)
-                for j, values in zip(good, out):
-                    outputs[v][rows[j]] = values
-                    if caches[v] is not None:
-                        caches[v].put(batch_shas[j], values)
-            done += len(rows)
-            if progress:
-                progress(done, total)
+                    ran[v] += len(wanted)
+                    view_net = net if v in networked else None
+                    values = _forward(view_net, view_pixels[wanted], forward_batch).astype(dtype)
+                    for j, value in zip(wanted, values):
+                        if out is not None:
+                            out[rows[j]] = value
+                        if cache is not None:
+                            cache.put(batch_shas[j], value)
+                done += len(rows)
+                if progress:
+                    progress(done, total)
+    finally:
+        for cache in caches.values():
+            if cache is not None:
+                cache.close()
     return {v: FeatureResult(outputs[v], dict(errors), computed=ran[v]) for v in views}
+
+
+def _lookup(
+    cache: FeatureCache | None,
+    shas: Sequence[str | None],
+    out: np.ndarray | None,
+    shape: tuple[int, ...],
+    rows: Sequence[int] | None = None,
+) -> set[int]:
+    """Positions in ``shas`` the cache cannot serve (no hash, absent, damaged or of another shape).
+
+    The rows it serves are copied into ``out`` (at ``rows[i]``, default ``i``);
+    without ``out`` entries are only looked up, not read.
+    """
+    if cache is None:
+        return set(range(len(shas)))
+    if out is None:
+        return {i for i, sha in enumerate(shas) if not sha or sha not in cache}
+    found: set[int] = set()
+    for start in range(0, len(shas), LOOKUP_CHUNK):
+        for i, array in cache.get_many(shas[start : start + LOOKUP_CHUNK]).items():
+            if array.shape == shape:
+                found.add(start + i)
+                out[rows[start + i] if rows is not None else start + i] = array
+    return set(range(len(shas))) - found
 
 
 def _out_shape(backbone: Backbone, view: str, out_shape: tuple[int, ...] | None) -> tuple[int, ...]:

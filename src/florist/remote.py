@@ -15,8 +15,9 @@ Every stage reads and writes plain local files, and keeps doing so: this module
   fails, so a re-run can resume from ``checkpoint.pt``. While it runs, new and
   changed files (checkpoints, TensorBoard logs) are uploaded every
   :data:`SYNC_EVERY_S` seconds, so a pre-empted cloud job loses at most that much.
-* The feature cache stays local (:func:`require_local`): it is thousands of small
-  files read in the hot loop, and a node-local disk is what a cloud job has anyway.
+* The feature cache stays on a filesystem (:func:`require_local`): its shards are
+  read in the hot loop, and a node-local disk (or a shared network filesystem) is
+  what a cloud job has anyway.
 
 Under ``torchrun`` one process per machine (``LOCAL_RANK`` 0) downloads while the
 others wait at a barrier, and only rank 0, the process that writes the run

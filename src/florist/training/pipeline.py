@@ -322,7 +322,7 @@ def extract_splits(
         title = f"{what} ({split_name}"
         if dist.world_size() > 1:
             share = [items[i] for i in dist.my_share(len(items))]
-            mine = _extract_items(job.backbones, share, views[split_name], title, job.verbose, **common)
+            mine = _extract_items(job.backbones, share, views[split_name], title, job.verbose, collect=False, **common)
             computed += dist.sum_over_processes(sum(r.computed for r in mine.values()))  # includes a barrier
         verbose = job.verbose and dist.world_size() == 1
         results = _extract_items(job.backbones, items, views[split_name], title, verbose, **common)
