@@ -13,10 +13,13 @@ million photos opens a few hundred files, not a million.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -341,6 +344,28 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, view: s
 
 #: Entries looked up in the cache at a time: bounds the rows read but not yet copied.
 LOOKUP_CHUNK = 4096
+#: glibc's ``M_MMAP_THRESHOLD`` option of ``mallopt``, and the value :func:`steady_allocator` sets.
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1 << 16
+
+
+@functools.cache
+def steady_allocator() -> bool:
+    """Keep extraction's memory flat: serve large allocations with ``mmap`` always (glibc only).
+
+    Every loaded batch is a few large arrays. glibc raises its mmap threshold each
+    time such a block is freed, after which they come from the heap, fragment it and
+    are never handed back: extraction's RSS grew by 840 MiB over its first 3,000
+    photos, then stayed there (lite0, OpenVINO bf16). With the threshold fixed at
+    64 KiB it stayed at its start (937 against 1,688 MiB peak), at the same speed
+    within noise. Returns whether the option was set (not on other C libraries).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl has no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 @torch.inference_mode()
@@ -370,6 +395,7 @@ def _extract(
     shapes = {v: _out_shape(backbone, v, out_shape) for v in views}
     outputs = {v: np.zeros((len(paths) if collect else 0, *shapes[v]), dtype=dtype) for v in views}
     known = list(shas) if shas else [None] * len(paths)
+    steady_allocator()
     missing = {v: _lookup(caches[v], known, outputs[v] if collect else None, shapes[v]) for v in views}
     todo = sorted(set().union(*missing.values()))
     total, done = len(paths), len(paths) - len(todo)
