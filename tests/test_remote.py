@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import cache_entries
 from safetensors.torch import load as load_tensors
+from servers import free_port  # tests/servers.py
 from typer.testing import CliRunner
 
 import florist
@@ -323,6 +324,23 @@ def test_storage_failures_are_one_line_errors(s3: str, monkeypatch) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _assert_same_cache_and_head(single_cache: Path, shared_cache: Path, one, two: dict[str, torch.Tensor]) -> None:
+    """Cached features and the trained head of a several-process run equal one process's, to float rounding."""
+    single, double = cache_entries(single_cache), cache_entries(shared_cache)
+    assert len(single) == 48, "24 images x (clean, flip)"
+    assert single.keys() == double.keys(), "the same cache entries"
+    for key in single:
+        np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=str(key))
+    expected = {**one.head.state_dict(), **one.ood.state()}  # the head, then the out-of-distribution detector
+    assert two.keys() == expected.keys()
+    for name, tensor in two.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TRAIN_HEAD = ["-m", "florist", "train", "--mode", "head", "--eval-fraction", "0.25", "--quiet"]
+
+
 @pytest.mark.slow
 def test_torchrun_feature_extraction_matches_one_process(
     photos: Path, s3: str, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path
@@ -335,29 +353,48 @@ def test_torchrun_feature_extraction_matches_one_process(
     """
     one = florist.train(photos, tmp_path / "one", **HEAD, cache_dir=tmp_path / "c1", **tiny)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run = f"{s3}/runs/ddp"
     result = subprocess.run(
-        [*torchrun, "-m", "florist", "train", f"{s3}/photos", "--out", run, "--mode", "head",
-         "--eval-fraction", "0.25", "--cache-dir", str(tmp_path / "c2"), "--quiet", *tiny_cli],
+        [*TORCHRUN, "--standalone", "--nproc_per_node=2", *TRAIN_HEAD, f"{s3}/photos", "--out", run,
+         "--cache-dir", str(tmp_path / "c2"), *tiny_cli],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-
-    single, double = cache_entries(tmp_path / "c1"), cache_entries(tmp_path / "c2")
-    assert len(single) == 48, "24 images x (clean, flip)"
-    assert single.keys() == double.keys(), "the same cache entries"
-    for key in single:
-        np.testing.assert_allclose(double[key], single[key], rtol=1e-5, atol=1e-4, err_msg=str(key))
-    two = load_tensors(_files(run)["model.safetensors"])
-    expected = {**one.head.state_dict(), **one.ood.state()}  # the head, then the out-of-distribution detector
-    assert two.keys() == expected.keys()
-    for name, tensor in two.items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4)
+    _assert_same_cache_and_head(tmp_path / "c1", tmp_path / "c2", one, load_tensors(_files(run)["model.safetensors"]))
     assert not list((tmp_path / "c2" / "remote").glob("out-*")), "rank 0 uploaded the run and cleaned up"
     metrics = json.loads(_files(run)["metrics.json"])
     assert np.isclose(metrics["top1"], 1.0)
     assert metrics["features_computed"] == 48, "the processes' shares add up to every image and view"
+
+
+@pytest.mark.slow
+def test_two_machines_share_extraction_through_one_store(
+    photos: Path, tiny: dict[str, str], tiny_cli: list[str], tmp_path: Path
+) -> None:
+    """README's cluster command, with two launchers on this host standing in for two machines.
+
+    Each ``torchrun --nnodes=2`` joins one c10d rendezvous, extracts its share into the
+    one feature store both see (a network filesystem on a cluster), and the run equals one process's.
+    """
+    one = florist.train(photos, tmp_path / "one", **HEAD, cache_dir=tmp_path / "c1", **tiny)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                  f"--rdzv-id={uuid.uuid4().hex[:8]}"]
+    nodes = [
+        subprocess.Popen(
+            [*TORCHRUN, *rendezvous, *TRAIN_HEAD, str(photos), "--out", str(tmp_path / "run"),
+             "--cache-dir", str(tmp_path / "shared"), *tiny_cli],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    two = load_tensors((tmp_path / "run" / "model.safetensors").read_bytes())
+    _assert_same_cache_and_head(tmp_path / "c1", tmp_path / "shared", one, two)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["features_computed"] == 48, "the machines' shares add up to every image and view"
 
 
 def test_default_cache_must_be_local(monkeypatch) -> None:

@@ -242,3 +242,25 @@ def test_photos_that_are_symlinks_to_elsewhere(photos: Path, tmp_path: Path, tin
     florist.train(linked, tmp_path / "run", epochs=1, mode="head", **tiny)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["n_images"] == 24 and len(info["data_sha256"]) == 64
+
+
+def test_the_cross_fit_reuses_the_features_the_final_fit_read(photos: Path, tiny: dict, tmp_path: Path, monkeypatch) -> None:
+    """Head mode's calibration folds take their rows from memory, not the store: fewer reads, the same model."""
+    from florist.store import FeatureCache
+    from florist.training.job import Remembered
+
+    settings = {"mode": "head", "epochs": 2, "eval_fraction": 0.25, "cache_dir": tmp_path / "cache", **tiny}
+    florist.train(photos, tmp_path / "warm-up", **settings)  # fill the store
+    read = []
+    real_get_many = FeatureCache.get_many
+    monkeypatch.setattr(FeatureCache, "get_many", lambda self, shas: read.append(len(shas)) or real_get_many(self, shas))
+    florist.train(photos, tmp_path / "remembering", **settings)
+    remembering = sum(read)
+    read.clear()
+    monkeypatch.setattr(Remembered, "get", lambda self, key, items: None)
+    florist.train(photos, tmp_path / "reading", **settings)
+    # 24 photos: the final fit reads 18 train x 2 views + 6 eval x 2 views, and the detector 24 clean rows;
+    # each of the 5 folds would read its 14-15 + 3-4 photos x 2 views again
+    assert remembering == 48 + 24 and sum(read) == 48 + 24 + 5 * 36
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("remembering", "reading"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

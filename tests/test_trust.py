@@ -82,6 +82,27 @@ def test_detector_scores_far_points_higher_and_accepts_held_out_share() -> None:
     np.testing.assert_allclose(stored.score(strangers), outside, rtol=1e-5)
 
 
+def test_many_photos_set_the_threshold_from_a_stratified_sample(monkeypatch) -> None:
+    """Beyond THRESHOLD_PHOTOS the held-out folds use a sample: the threshold still accepts ACCEPT of new photos."""
+    from florist import ood
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (4, 16))
+    y = np.repeat(np.arange(4), [900, 600, 300, 8])  # a class far smaller than the others
+    x = centres[y] + rng.normal(0, 0.3, (len(y), 16))
+    sample = ood.stratified_sample(y, 450, seed=0)
+    assert np.all(np.diff(sample) > 0) and 430 <= len(sample) <= 470
+    counts = np.bincount(y[sample])
+    assert counts[3] >= ood.THRESHOLD_FOLDS and abs(counts[0] / counts[2] - 3) < 0.1, "each class in proportion"
+    assert ood.stratified_sample(y, len(y), seed=0).tolist() == list(range(len(y)))
+
+    monkeypatch.setattr(ood, "THRESHOLD_PHOTOS", 450)
+    detector = ood.fit_detector(x, y)
+    fresh_y = rng.integers(0, 3, 3000)
+    fresh = centres[fresh_y] + rng.normal(0, 0.3, (3000, 16))
+    assert abs(np.mean(~detector.unknown(detector.score(fresh))) - ACCEPT) < 0.03
+
+
 def test_trained_run_is_calibrated_and_answers_unknown(trained_run: Path, photos: Path, tmp_path: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     model_json = json.loads((trained_run / "model.json").read_text())

@@ -28,6 +28,11 @@ SCORE_NAME = "mahalanobis_cosine"
 ACCEPT = 0.95
 #: Folds of the training part used to choose the threshold.
 THRESHOLD_FOLDS = 5
+#: Photos the threshold's held-out scores come from at most (a seeded, stratified sample
+#: beyond): the 95% quantile of 10,000 scores is known to about 0.2 percentage points of
+#: acceptance, and every fold is a covariance estimate costing time linear in its photos
+#: (5 folds of 100,000 photos took about a minute on a 2-core CPU).
+THRESHOLD_PHOTOS = 10_000
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -97,6 +102,19 @@ def heldout_scores(
     return scores
 
 
+def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of about ``size`` rows, each class in proportion (at least :data:`THRESHOLD_FOLDS` of it); all when fewer."""
+    if len(labels) <= size:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take = min(len(rows), max(THRESHOLD_FOLDS, round(len(rows) * size / len(labels))))
+        picked.append(rng.choice(rows, take, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def fit_detector(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> OodDetector:
     """A detector on all training features, with the threshold accepting :data:`ACCEPT` of held-out ones.
 
@@ -104,6 +122,7 @@ def fit_detector(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> Ood
     unset and no photo is called unknown (the scores are still given).
     """
     detector = OodDetector.fit(features, labels)
-    held = heldout_scores(features, labels, seed=seed)
+    sample = stratified_sample(labels, THRESHOLD_PHOTOS, seed)
+    held = heldout_scores(features[sample], labels[sample], seed=seed)
     detector.threshold = None if held is None else float(np.quantile(held, ACCEPT))
     return detector

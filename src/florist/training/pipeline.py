@@ -32,7 +32,7 @@ from ..devices import pick_device
 from ..ensemble import EnsembleHead, ensemble_head_spec
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
-from ..features import FeatureResult, extract_concat, merged_errors
+from ..features import FeatureResult, extract_concat, feature_key, merged_errors
 from ..files import atomic_write_csv, atomic_write_json, folder_lock, remove_stale_temporaries
 from ..predict import Classifier
 from ..progress import progress_bar
@@ -318,6 +318,11 @@ def extract_splits(
         if not views[split_name]:  # nothing asked of this split: keep its items as they are
             kept[split_name], outputs[split_name] = items, {}
             continue
+        memo_keys = _memo_keys(job, views[split_name], part)
+        remembered = [job.remembered.get(k, items) for k in memo_keys.values()] if memo_keys else [None]
+        if all(r is not None for r in remembered):
+            kept[split_name], outputs[split_name] = items, dict(zip(views[split_name], remembered))
+            continue
         common = {"cache_root": job.cache_root, "seed": job.cfg.seed, "part": part, **kwargs}
         title = f"{what} ({split_name}"
         if dist.world_size() > 1:
@@ -329,7 +334,16 @@ def extract_splits(
         computed += sum(r.computed for r in results.values())  # 0 after the shared pass, unless a file changed
         kept[split_name], outputs[split_name], failed = _drop_failed(items, results)
         job.prepared.skipped.extend(failed)
+        for view, key in memo_keys.items():
+            job.remembered.add(key, kept[split_name], outputs[split_name][view])
     return kept, outputs, computed
+
+
+def _memo_keys(job: Job, views: list[str], part: str) -> dict[str, tuple[str, ...]]:
+    """View -> the cache keys of its rows, for the views :class:`~florist.training.job.Remembered` keeps."""
+    if part != "pooled":
+        return {}
+    return {v: tuple(feature_key(b, v, job.cfg.seed, part) for b in job.backbones) for v in views}
 
 
 def _extract_items(
