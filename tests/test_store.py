@@ -45,6 +45,20 @@ def test_rows_round_trip_through_one_shard_in_any_order(tmp_path):
     assert cache.get(sha(999)) is None
 
 
+def test_long_runs_of_rows_are_read_in_bounded_pieces(tmp_path, monkeypatch):
+    from florist import store
+
+    data = rows(40)
+    filled(tmp_path, data)
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(store, "READ_BYTES", 7 * 6 * 4)  # 7 rows a read
+    monkeypatch.setattr(store.os, "pread", lambda fd, n, offset: reads.append(n) or real_pread(fd, n, offset))
+    got = FeatureCache(tmp_path, "key").get_many([sha(i) for i in range(40)])
+    np.testing.assert_array_equal(np.stack([got[i] for i in range(40)]), data)
+    assert reads == [7 * 24] * 5 + [5 * 24], "front to back, 7 rows at a time"
+
+
 def test_a_shard_is_published_when_it_reaches_its_size(tmp_path, monkeypatch):
     monkeypatch.setenv(SHARD_MB_ENV, str(10 * 6 * 4 / 2**20))  # 10 rows of 6 float32
     data = rows(35)

@@ -52,6 +52,8 @@ SHARD_MB_ENV = "FLORIST_SHARD_MB"
 #: Big enough that a million photos make a few hundred files, small enough that a
 #: killed extraction loses at most a minute or so of work.
 DEFAULT_SHARD_MB = 256.0
+#: Most bytes one ``pread`` fetches: large enough to stream, small enough not to matter in memory.
+READ_BYTES = 16 * 2**20
 #: A writer's temporary file untouched this long belongs to a process that died.
 STALE_S = 3600.0
 _DIGEST = 16
@@ -222,7 +224,7 @@ class FeatureCache:
     def get_many(self, shas: Sequence[str | None]) -> dict[int, np.ndarray]:
         """Position in ``shas`` -> stored array, for every entry that is stored and intact.
 
-        Rows are read in file order, one ``pread`` per run of consecutive rows.
+        Rows are read in file order, one ``pread`` per run of consecutive rows (of at most :data:`READ_BYTES`).
         """
         if not self._scanned:
             self._scan()
@@ -231,8 +233,9 @@ class FeatureCache:
         start = 0
         while start < len(located):
             (shard_i, first), _ = located[start]
+            most = max(1, READ_BYTES // max(1, self._shards[shard_i].row_nbytes))
             end = start + 1
-            while end < len(located) and located[end][0] == (shard_i, first + end - start):
+            while end < len(located) and end - start < most and located[end][0] == (shard_i, first + end - start):
                 end += 1
             self._read_run(shard_i, first, [i for _, i in located[start:end]], shas, found)
             start = end
