@@ -51,9 +51,9 @@ def test_long_runs_of_rows_are_read_in_bounded_pieces(tmp_path, monkeypatch):
     data = rows(40)
     filled(tmp_path, data)
     reads = []
-    real_pread = os.pread
+    real_read_at = FeatureCache._read_at
     monkeypatch.setattr(store, "READ_BYTES", 7 * 6 * 4)  # 7 rows a read
-    monkeypatch.setattr(store.os, "pread", lambda fd, n, offset: reads.append(n) or real_pread(fd, n, offset))
+    monkeypatch.setattr(FeatureCache, "_read_at", lambda self, i, offset, n: reads.append(n) or real_read_at(self, i, offset, n))
     got = FeatureCache(tmp_path, "key").get_many([sha(i) for i in range(40)])
     np.testing.assert_array_equal(np.stack([got[i] for i in range(40)]), data)
     assert reads == [7 * 24] * 5 + [5 * 24], "front to back, 7 rows at a time"

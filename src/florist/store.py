@@ -6,7 +6,7 @@ published by an atomic rename once it reaches :func:`shard_bytes` or its writer
 closes; so a killed run loses only the shard it was filling, and processes
 sharing a store (concurrent runs, ``torchrun`` ranks, machines on one network
 filesystem) never write the same file and need no lock. A reader lists the
-folder once, reads each shard's index and then fetches rows with one ``pread``
+folder once, reads each shard's index and then fetches rows with one read
 per run of consecutive rows: a warm run opens a few files, not one per image.
 
 Layout of a shard (little-endian), an index at the end like a zip file's::
@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -52,7 +53,7 @@ SHARD_MB_ENV = "FLORIST_SHARD_MB"
 #: Big enough that a million photos make a few hundred files, small enough that a
 #: killed extraction loses at most a minute or so of work.
 DEFAULT_SHARD_MB = 256.0
-#: Most bytes one ``pread`` fetches: large enough to stream, small enough not to matter in memory.
+#: Most bytes one read fetches: large enough to stream, small enough not to matter in memory.
 READ_BYTES = 16 * 2**20
 #: A writer's temporary file untouched this long belongs to a process that died.
 STALE_S = 3600.0
@@ -175,7 +176,7 @@ class FeatureCache:
         self._shards: list[Shard] = []
         self._index: dict[str, tuple[int, int]] = {}
         self._seen: set[Path] = set()
-        self._fds: dict[int, int] = {}
+        self._files: dict[int, BinaryIO] = {}
         self._writer: ShardWriter | None = None
         self._write_failed = False
         self._scanned = False
@@ -224,7 +225,7 @@ class FeatureCache:
     def get_many(self, shas: Sequence[str | None]) -> dict[int, np.ndarray]:
         """Position in ``shas`` -> stored array, for every entry that is stored and intact.
 
-        Rows are read in file order, one ``pread`` per run of consecutive rows (of at most :data:`READ_BYTES`).
+        Rows are read in file order, one read per run of consecutive rows (of at most :data:`READ_BYTES`).
         """
         if not self._scanned:
             self._scan()
@@ -253,7 +254,7 @@ class FeatureCache:
         shard = self._shards[shard_i]
         size = shard.row_nbytes
         try:
-            data = os.pread(self._fd(shard_i), size * len(positions), first * size)
+            data = self._read_at(shard_i, first * size, size * len(positions))
         except OSError:
             return
         for k, i in enumerate(positions):
@@ -263,10 +264,13 @@ class FeatureCache:
             else:  # damaged on disk: forget it, so it is recomputed and stored again
                 self._index.pop(shas[i], None)  # type: ignore[arg-type]
 
-    def _fd(self, shard_i: int) -> int:
-        if shard_i not in self._fds:
-            self._fds[shard_i] = os.open(self._shards[shard_i].path, os.O_RDONLY)
-        return self._fds[shard_i]
+    def _read_at(self, shard_i: int, offset: int, size: int) -> bytes:
+        """``size`` bytes of a shard from ``offset`` (its file stays open until :meth:`close`)."""
+        if shard_i not in self._files:
+            self._files[shard_i] = open(self._shards[shard_i].path, "rb")  # closed by close()
+        f = self._files[shard_i]
+        f.seek(offset)
+        return f.read(size)
 
     def _legacy_path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.safetensors"
@@ -322,10 +326,10 @@ class FeatureCache:
     def close(self) -> None:
         """Publish the open shard and close the files read."""
         self.flush()
-        for fd in self._fds.values():
+        for f in self._files.values():
             with suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+                f.close()
+        self._files.clear()
 
     def __enter__(self) -> FeatureCache:
         return self
