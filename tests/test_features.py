@@ -263,3 +263,20 @@ def test_random_views_leave_the_callers_rng_alone(tmp_path: Path, tiny_backbone)
     torch.manual_seed(123)
     extract_features(tiny_backbone, [path], view="aug0", workers=0)
     assert torch.initial_seed() == 123
+
+
+def test_the_allocator_is_steadied_only_while_the_network_runs(tiny_backbone, images, tmp_path, monkeypatch) -> None:
+    """64 KiB mmap threshold during extraction (flat memory), glibc's own ceiling afterwards (fast training steps)."""
+    from florist import features
+
+    calls = []
+    monkeypatch.setattr(features, "_mmap_threshold", calls.append)
+    extract_features(tiny_backbone, images[:2], workers=0)
+    assert calls == [features.EXTRACTION_MMAP_THRESHOLD, features.LATER_MMAP_THRESHOLD]
+    calls.clear()
+    cache = FeatureCache(tmp_path / "cache", feature_key(tiny_backbone))
+    shas = [sha256_file(p) for p in images[:2]]
+    extract_features(tiny_backbone, images[:2], shas=shas, cache=cache, workers=0)
+    calls.clear()
+    extract_features(tiny_backbone, images[:2], shas=shas, cache=cache, workers=0)
+    assert calls == [], "a fully cached call leaves the allocator alone"

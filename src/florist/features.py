@@ -14,15 +14,14 @@ million photos opens a few hundred files, not a million.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import json
 import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,28 +343,40 @@ def extract_features(backbone: Backbone, paths: Sequence[str | Path], *, view: s
 
 #: Entries looked up in the cache at a time: bounds the rows read but not yet copied.
 LOOKUP_CHUNK = 4096
-#: glibc's ``M_MMAP_THRESHOLD`` option of ``mallopt``, and the value :func:`steady_allocator` sets.
-_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1 << 16
+#: glibc's ``M_MMAP_THRESHOLD`` option of ``mallopt``; the threshold during extraction, and after it
+#: (the most glibc's own adjustment reaches on 64-bit systems).
+_M_MMAP_THRESHOLD, EXTRACTION_MMAP_THRESHOLD, LATER_MMAP_THRESHOLD = -3, 1 << 16, 32 << 20
 
 
-@functools.cache
-def steady_allocator() -> bool:
-    """Keep extraction's memory flat: serve large allocations with ``mmap`` always (glibc only).
-
-    Every loaded batch is a few large arrays. glibc raises its mmap threshold each
-    time such a block is freed, after which they come from the heap, fragment it and
-    are never handed back: extraction's RSS grew by 840 MiB over its first 3,000
-    photos, then stayed there (lite0, OpenVINO bf16). With the threshold fixed at
-    64 KiB it stayed at its start (937 against 1,688 MiB peak), at the same speed
-    within noise. Returns whether the option was set (not on other C libraries).
-    """
+def _mmap_threshold(size: int) -> bool:
+    """Set glibc's mmap threshold; False where there is no glibc ``mallopt`` (other systems, musl)."""
     if sys.platform != "linux":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # musl has no mallopt
+    except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, size))
+
+
+@contextmanager
+def steady_allocator() -> Iterator[None]:
+    """Keep extraction's memory flat: large allocations are served by ``mmap`` while it runs (glibc only).
+
+    Every loaded batch is a few large arrays. glibc raises its mmap threshold each
+    time such a block is freed, after which they come from the heap, fragment it and
+    are never handed back: extraction's RSS grew by 840 MiB over its first 3,000
+    photos, then stayed there (lite0, OpenVINO bf16). With the threshold at 64 KiB
+    it stayed at its start (937 against 1,688 MiB peak), at the same speed within
+    noise. Training is the opposite case: each step allocates and frees the same
+    large tensors, and mapping them afresh every time doubled tune-top's training
+    time, so afterwards the threshold is set where glibc's own adjustment ends up.
+    """
+    _mmap_threshold(EXTRACTION_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        _mmap_threshold(LATER_MMAP_THRESHOLD)
 
 
 @torch.inference_mode()
@@ -395,7 +406,6 @@ def _extract(
     shapes = {v: _out_shape(backbone, v, out_shape) for v in views}
     outputs = {v: np.zeros((len(paths) if collect else 0, *shapes[v]), dtype=dtype) for v in views}
     known = list(shas) if shas else [None] * len(paths)
-    steady_allocator()
     missing = {v: _lookup(caches[v], known, outputs[v] if collect else None, shapes[v]) for v in views}
     todo = sorted(set().union(*missing.values()))
     total, done = len(paths), len(paths) - len(todo)
@@ -406,38 +416,39 @@ def _extract(
     load = [v for v in views if missing[v]]
     try:
         if todo:
-            networked = [v for v in load if not v.endswith(PIXELS)]  # pixel views are their own output
-            net = frozen_pass(backbone, network) if networked else None
-            workers = default_workers(len(todo)) if workers is None else workers
-            loader = DataLoader(
-                _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
-                batch_size=batch_size,
-                num_workers=workers,
-                pin_memory=torch.cuda.is_available(),
-            )
-            for idx, pixels, batch_shas, batch_errors in loader:
-                rows = [todo[int(j)] for j in idx]
-                errors.update({row: err for row, err in zip(rows, batch_errors) if err})
-                for v, view_pixels in zip(load, pixels):
-                    cache, out = caches[v], outputs[v] if collect else None
-                    wanted = [j for j, row in enumerate(rows) if not batch_errors[j] and row in missing[v]]
-                    if cache is not None:  # hashes known only now that the files were read
-                        late = [batch_shas[j] if not known[rows[j]] else None for j in wanted]
-                        unserved = _lookup(cache, late, out, shapes[v], rows=[rows[j] for j in wanted])
-                        wanted = [j for k, j in enumerate(wanted) if k in unserved]
-                    if not wanted:
-                        continue
-                    ran[v] += len(wanted)
-                    view_net = net if v in networked else None
-                    values = _forward(view_net, view_pixels[wanted], forward_batch).astype(dtype)
-                    for j, value in zip(wanted, values):
-                        if out is not None:
-                            out[rows[j]] = value
-                        if cache is not None:
-                            cache.put(batch_shas[j], value)
-                done += len(rows)
-                if progress:
-                    progress(done, total)
+            with steady_allocator():  # the network pass: large arrays, allocated once per batch
+                networked = [v for v in load if not v.endswith(PIXELS)]  # pixel views are their own output
+                net = frozen_pass(backbone, network) if networked else None
+                workers = default_workers(len(todo)) if workers is None else workers
+                loader = DataLoader(
+                    _ImageFiles([paths[i] for i in todo], backbone.data_config, load, seed),
+                    batch_size=batch_size,
+                    num_workers=workers,
+                    pin_memory=torch.cuda.is_available(),
+                )
+                for idx, pixels, batch_shas, batch_errors in loader:
+                    rows = [todo[int(j)] for j in idx]
+                    errors.update({row: err for row, err in zip(rows, batch_errors) if err})
+                    for v, view_pixels in zip(load, pixels):
+                        cache, out = caches[v], outputs[v] if collect else None
+                        wanted = [j for j, row in enumerate(rows) if not batch_errors[j] and row in missing[v]]
+                        if cache is not None:  # hashes known only now that the files were read
+                            late = [batch_shas[j] if not known[rows[j]] else None for j in wanted]
+                            unserved = _lookup(cache, late, out, shapes[v], rows=[rows[j] for j in wanted])
+                            wanted = [j for k, j in enumerate(wanted) if k in unserved]
+                        if not wanted:
+                            continue
+                        ran[v] += len(wanted)
+                        view_net = net if v in networked else None
+                        values = _forward(view_net, view_pixels[wanted], forward_batch).astype(dtype)
+                        for j, value in zip(wanted, values):
+                            if out is not None:
+                                out[rows[j]] = value
+                            if cache is not None:
+                                cache.put(batch_shas[j], value)
+                    done += len(rows)
+                    if progress:
+                        progress(done, total)
     finally:
         for cache in caches.values():
             if cache is not None:
