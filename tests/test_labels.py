@@ -61,6 +61,27 @@ def test_out_of_fold_probabilities_come_from_heads_that_never_saw_the_row() -> N
     assert ranked[0] == 5 and scores[5] == scores.min()
 
 
+def test_each_fold_of_a_large_folder_is_fitted_on_a_sample(monkeypatch) -> None:
+    """Beyond FIT_PHOTOS a fold's regression sees a stratified sample of the other folds; every row is still scored."""
+    from sklearn.linear_model import LogisticRegression
+
+    import florist.labels
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [500, 300, 200])
+    features = rng.normal(0, 1, (len(labels), 8)) + np.eye(3, 8)[labels] * 4.0
+    features[7] = features[600]  # a class-0 row that looks like class 1
+    fitted_on: list[np.ndarray] = []
+    fit = LogisticRegression.fit
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, x, y, **kw: fitted_on.append(y) or fit(self, x, y, **kw))
+    monkeypatch.setattr(florist.labels, "FIT_PHOTOS", 300)
+    probs = out_of_fold_probabilities(features, labels, folds=4, c=1.0)
+    assert len(fitted_on) == 4 and all(len(y) <= 303 for y in fitted_on)
+    assert all(abs(np.bincount(y)[0] / len(y) - 0.5) < 0.02 for y in fitted_on), "each class in proportion"
+    assert probs.shape == (1000, 3) and np.allclose(probs.sum(1), 1)
+    assert probs[7].argmax() == 1 and probs[7, 0] == probs[labels == 0, 0].min(), "the swapped row stands out"
+
+
 def test_bad_settings_are_one_line_errors(photos: Path, tiny: dict[str, str]) -> None:
     with pytest.raises(FloristError, match="folds must be >= 2"):
         out_of_fold_probabilities(np.zeros((4, 2)), np.array([0, 0, 1, 1]), folds=1)

@@ -19,6 +19,7 @@ from florist.calibration import (
 )
 from florist.cli import app
 from florist.ood import ACCEPT, OodDetector, fit_detector
+from florist.sampling import stratified_sample
 
 runner = CliRunner()
 
@@ -90,11 +91,12 @@ def test_many_photos_set_the_threshold_from_a_stratified_sample(monkeypatch) -> 
     centres = rng.normal(0, 1, (4, 16))
     y = np.repeat(np.arange(4), [900, 600, 300, 8])  # a class far smaller than the others
     x = centres[y] + rng.normal(0, 0.3, (len(y), 16))
-    sample = ood.stratified_sample(y, 450, seed=0)
+    sample = stratified_sample(y, 450, seed=0, minimum=ood.THRESHOLD_FOLDS)
     assert np.all(np.diff(sample) > 0) and 430 <= len(sample) <= 470
     counts = np.bincount(y[sample])
     assert counts[3] >= ood.THRESHOLD_FOLDS and abs(counts[0] / counts[2] - 3) < 0.1, "each class in proportion"
-    assert ood.stratified_sample(y, len(y), seed=0).tolist() == list(range(len(y)))
+    assert stratified_sample(y, len(y), seed=0).tolist() == list(range(len(y)))
+    assert stratified_sample(y, 450, seed=0, minimum=ood.THRESHOLD_FOLDS).tolist() == sample.tolist(), "seeded"
 
     monkeypatch.setattr(ood, "THRESHOLD_PHOTOS", 450)
     detector = ood.fit_detector(x, y)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .bundle import OOD_PREFIX
+from .sampling import stratified_sample
 
 #: Name of the score in ``metrics.json`` and ``model.json``.
 SCORE_NAME = "mahalanobis_cosine"
@@ -102,19 +103,6 @@ def heldout_scores(
     return scores
 
 
-def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of about ``size`` rows, each class in proportion (at least :data:`THRESHOLD_FOLDS` of it); all when fewer."""
-    if len(labels) <= size:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        take = min(len(rows), max(THRESHOLD_FOLDS, round(len(rows) * size / len(labels))))
-        picked.append(rng.choice(rows, take, replace=False))
-    return np.sort(np.concatenate(picked))
-
-
 def fit_detector(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> OodDetector:
     """A detector on all training features, with the threshold accepting :data:`ACCEPT` of held-out ones.
 
@@ -122,7 +110,7 @@ def fit_detector(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> Ood
     unset and no photo is called unknown (the scores are still given).
     """
     detector = OodDetector.fit(features, labels)
-    sample = stratified_sample(labels, THRESHOLD_PHOTOS, seed)
+    sample = stratified_sample(labels, THRESHOLD_PHOTOS, seed, minimum=THRESHOLD_FOLDS)
     held = heldout_scores(features[sample], labels[sample], seed=seed)
     detector.threshold = None if held is None else float(np.quantile(held, ACCEPT))
     return detector
