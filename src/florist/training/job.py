@@ -16,6 +16,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..data import Item, Prepared
+from ..features import feature_key
 from .loop import Board
 from .settings import TrainConfig
 
@@ -31,6 +32,11 @@ class Remembered:
     """
 
     rows: dict[tuple[str, ...], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @staticmethod
+    def key(backbones: list[Backbone], view: str, seed: int) -> tuple[str, ...]:
+        """What a view's pooled features (the backbones' side by side) are remembered by: their cache keys."""
+        return tuple(feature_key(b, view, seed, "pooled") for b in backbones)
 
     def get(self, key: tuple[str, ...], items: list[Item]) -> np.ndarray | None:
         """The rows of ``items`` in order, or None unless every one is remembered."""

@@ -32,7 +32,7 @@ from ..devices import pick_device
 from ..ensemble import EnsembleHead, ensemble_head_spec
 from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
-from ..features import FeatureResult, extract_concat, feature_key, merged_errors
+from ..features import FeatureResult, extract_concat, merged_errors
 from ..files import atomic_write_csv, atomic_write_json, folder_lock, remove_stale_temporaries
 from ..predict import Classifier
 from ..progress import progress_bar
@@ -51,7 +51,7 @@ from ..tfrecord import is_record_data, prepare_records
 from ..version import __version__
 from .backbone_set import create_backbones
 from .ensemble import fit_ensemble
-from .job import Fitted, Job
+from .job import Fitted, Job, Remembered
 from .registry import get_mode, resolve
 from .settings import TrainConfig
 from .trust import HeldOut, Trust, fit_trust, held_out
@@ -343,7 +343,7 @@ def _memo_keys(job: Job, views: list[str], part: str) -> dict[str, tuple[str, ..
     """View -> the cache keys of its rows, for the views :class:`~florist.training.job.Remembered` keeps."""
     if part != "pooled":
         return {}
-    return {v: tuple(feature_key(b, v, job.cfg.seed, part) for b in job.backbones) for v in views}
+    return {v: Remembered.key(job.backbones, v, job.cfg.seed) for v in views}
 
 
 def _extract_items(

@@ -28,6 +28,7 @@ from ..features import extract_concat
 from ..labels import LabelIssue, label_issues_of
 from ..ood import SCORE_NAME, OodDetector, fit_detector
 from ..progress import progress_bar
+from .job import Remembered
 from .registry import get_mode
 
 if TYPE_CHECKING:
@@ -174,7 +175,13 @@ def cross_fit(job: Job, folds: int) -> HeldOut:
 
 
 def reference_features(job: Job, reference: list[Backbone], items: list[Item]) -> np.ndarray:
-    """The reference backbones' pooled features of the clean view (cached; failed images give zeros)."""
+    """The reference backbones' pooled features of the clean view (cached; failed images give zeros).
+
+    Head mode's own backbones are the reference: their features were read already and are remembered.
+    """
+    known = job.remembered.get(Remembered.key(reference, "clean", job.cfg.seed), items)
+    if known is not None:
+        return known.astype(np.float32)
     result = extract_concat(
         reference, [it.path for it in items], ["clean"], shas=[it.sha256 for it in items],
         cache_root=job.cache_root, seed=job.cfg.seed,
