@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 import florist
 from florist import FloristError, TrainConfig
 from florist.bundle import MODEL_JSON
+from florist.errors import SettingError
 from florist.training.linear import class_weight_vector, fit_head
+from florist.training.modes import head as head_mode
+from florist.training.registry import resolve
 
 
 def test_train_writes_a_complete_run(trained_run: Path) -> None:
@@ -132,6 +135,19 @@ def test_sgd_exponential_decay_and_exact_steps() -> None:
     assert history.lr[-1] == pytest.approx(0.4 * 0.5 ** (20 / 10))
     pred = head(torch.as_tensor(x)).argmax(1).numpy()
     assert (pred == y).mean() > 0.9
+
+
+def test_max_steps_cuts_the_epochs_of_a_large_training_set() -> None:
+    x, y = _toy_features((40, 40))  # 80 examples: 3 batches of 32 an epoch
+    _, capped = fit_head(x, y, 2, TrainConfig(epochs=10, max_steps=7))
+    assert capped.step == [3, 6, 7]  # two whole epochs and the start of a third
+    _, under = fit_head(x, y, 2, TrainConfig(epochs=2, max_steps=7))
+    assert under.step == [3, 6]
+    _, exact = fit_head(x, y, 2, TrainConfig(steps=9, max_steps=7))
+    assert exact.step[-1] == 9  # steps asks for an exact number
+    assert resolve(mode="head").max_steps == head_mode.MAX_STEPS
+    with pytest.raises(SettingError, match="max_steps"):
+        resolve(mode="tune-top", max_steps=100)
 
 
 def test_label_smoothing_and_dropout_change_training() -> None:
@@ -259,8 +275,8 @@ def test_the_cross_fit_reuses_the_features_the_final_fit_read(photos: Path, tiny
     read.clear()
     monkeypatch.setattr(Remembered, "get", lambda self, key, items: None)
     florist.train(photos, tmp_path / "reading", **settings)
-    # 24 photos: the final fit reads 18 train x 2 views + 6 eval x 2 views, and the detector 24 clean rows;
-    # each of the 5 folds would read its 14-15 + 3-4 photos x 2 views again
-    assert remembering == 48 + 24 and sum(read) == 48 + 24 + 5 * 36
+    # 24 photos: the final fit reads 18 train x 2 views + 6 eval x 2 views; the detector would read 24 clean
+    # rows and each of the 5 folds its 14-15 + 3-4 photos x 2 views again
+    assert remembering == 48 and sum(read) == 48 + 24 + 5 * 36
     ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("remembering", "reading"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -70,7 +70,7 @@ def fit_head(
     weight = class_weight_vector(train_y, num_classes) if cfg.class_weights == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     opt, schedule = _make_optimizer(head, cfg)
-    total = cfg.steps or math.ceil(len(y) / cfg.batch_size) * cfg.epochs
+    total = cfg.steps or min(math.ceil(len(y) / cfg.batch_size) * cfg.epochs, cfg.max_steps or math.inf)
 
     def evaluate() -> np.ndarray:
         head.eval()

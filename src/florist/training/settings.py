@@ -139,6 +139,10 @@ class TrainConfig:
     )
     epochs: int | None = setting(None, "Passes over the training set.", at_least(1))
     steps: int | None = setting(None, "Training steps (batches); overrides {epochs}.", at_least(1), unset="from epochs")
+    max_steps: int | None = setting(
+        None, "At most this many training steps: fewer passes than {epochs} over a large training set ({steps} overrides it).",
+        at_least(1), unset="no limit",
+    )
     optimizer: str | None = setting(None, "adam (AdamW) or sgd.", one_of("adam", "sgd"))
     lr: float | None = setting(None, "Learning rate of the head.", above(0))
     decay_rate: float | None = setting(
