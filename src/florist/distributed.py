@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 
 def _group() -> Any:
@@ -95,6 +98,27 @@ def barrier() -> None:
     """Wait until every process gets here."""
     if world_size() > 1:
         _group().barrier()
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone, its result (or its error, raised) handed to every process.
+
+    For work whose result every process needs but which only one should do: checking
+    the photos reads each of them, from remote storage too.
+    """
+    if world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box = [(compute(), None)]
+        except Exception as e:  # every process fails with it, rather than waiting for a result
+            box = [(None, e)]
+    _group().broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def my_share(n: int) -> list[int]:

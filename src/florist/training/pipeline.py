@@ -157,9 +157,11 @@ def _train(
     with progress_bar("Checking images", enabled=verbose) as bar:
         if is_record_data(data_dir):
             prepared = prepare_records(data_dir, **split, max_pixels=cfg.max_pixels, progress=bar)
-        else:
-            memo = check_memo_file(cache_root, data_dir) if dist.is_main() else None  # one writer
-            prepared = prepare(data_dir, **split, max_pixels=cfg.max_pixels, progress=bar, check_memo=memo)
+        else:  # one process reads every photo (remote ones too) and writes the verdicts; all get its result
+            memo = check_memo_file(cache_root, data_dir)
+            prepared = dist.from_main(
+                lambda: prepare(data_dir, **split, max_pixels=cfg.max_pixels, progress=bar, check_memo=memo)
+            )
     timings["prepare_s"] = time.perf_counter() - t
     for message in prepared.warnings if dist.is_main() else ():
         log.warning(message)
