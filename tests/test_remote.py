@@ -175,6 +175,7 @@ def test_train_evaluate_predict_on_memory(mem_run: tuple[str, Path]) -> None:
     assert not list((cache / "remote").glob("out-*")), "no local copy of the run is left behind"
     eval_rows = files["eval.csv"].decode().splitlines()[1:]
     assert eval_rows and all(row.startswith(f"{root}/photos/") for row in eval_rows), "manifests name the URLs"
+    assert not list((cache / "remote").glob("*")), "the photos were read where they are: nothing staged or kept"
     assert json.loads(files["run.json"])["data_dir"] == f"{root}/photos"
 
     metrics = json.loads(files["metrics.json"])
@@ -317,6 +318,207 @@ def test_storage_failures_are_one_line_errors(s3: str, monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---------------------------------------------------------------------------
+# Streaming: remote photos are read where they are, by whichever process decodes them
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reads(monkeypatch) -> dict[str, list]:
+    """Every fetch from remote storage (``fetched``) and staged download (``staged``); each photo kept
+    (``kept``: its URL, and how many fetches came before); the most bytes a photo cache held after a write (``peak``)."""
+    seen: dict[str, list] = {"fetched": [], "staged": [], "kept": [], "peak": [0]}
+    fetch, download, put = remote._fetch, remote._download, remote.PhotoCache.put
+
+    def fetching(url: str) -> bytes:
+        seen["fetched"].append(url)
+        return fetch(url)
+
+    def downloading(fs, rpaths, lpaths) -> None:
+        seen["staged"] += rpaths
+        download(fs, rpaths, lpaths)
+
+    def keeping(self: remote.PhotoCache, url: str, data: bytes) -> None:
+        put(self, url, data)
+        held = sum(f.stat().st_size for f in self.files.iterdir())  # temporary files included
+        seen["peak"][0] = max(seen["peak"][0], held)
+        if self._path(url).is_file():
+            seen["kept"].append((url, len(seen["fetched"])))
+
+    monkeypatch.setattr(remote, "_fetch", fetching)
+    monkeypatch.setattr(remote, "_download", downloading)
+    monkeypatch.setattr(remote.PhotoCache, "put", keeping)
+    return seen
+
+
+def _weights(run: str | Path) -> dict[str, torch.Tensor]:
+    data = _files(run)["model.safetensors"] if remote.is_remote(run) else (Path(run) / "model.safetensors").read_bytes()
+    return load_tensors(data)
+
+
+def test_photos_on_s3_are_streamed_and_train_the_local_model(
+    photos: Path, s3: str, tiny: dict[str, str], tmp_path: Path, reads: dict[str, list]
+) -> None:
+    """Head mode from s3://: no photo touches the local disk, and the model is the local folder's, bit for bit."""
+    local = florist.train(photos, tmp_path / "local", cache_dir=tmp_path / "c1", **HEAD, **tiny)
+    reads["fetched"].clear()
+    run = f"{s3}/runs/streamed"
+    streamed = florist.train(f"{s3}/photos", run, cache_dir=tmp_path / "c2", **HEAD, **tiny)
+
+    assert reads["staged"] == [] and reads["kept"] == [], "head mode stages and keeps no photo"
+    assert not list((tmp_path / "c2" / "remote").glob("*")), "nothing under $FLORIST_CACHE/remote/"
+    assert len(reads["fetched"]) >= 24 and all(u.startswith(f"{s3}/photos/") for u in reads["fetched"])
+    ours, theirs = _weights(run), _weights(tmp_path / "local")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), "the same model"
+    paths = [str(p) for p in sorted(photos.rglob("*.jpg"))]
+    np.testing.assert_allclose(streamed.predict_proba(paths)[0], local.predict_proba(paths)[0], rtol=0, atol=1e-6)
+
+    files = _files(run)
+    info, local_info = json.loads(files["run.json"]), json.loads((tmp_path / "local" / "run.json").read_text())
+    assert info["data_dir"] == f"{s3}/photos" and info["data_sha256"] == local_info["data_sha256"]
+    rows = files["train.csv"].decode().splitlines()[1:]
+    assert len(rows) == 18 and all(row.startswith(f"{s3}/photos/") for row in rows), "manifests name the URLs"
+
+    reads["fetched"].clear()
+    again = florist.train(f"{s3}/photos", tmp_path / "again", cache_dir=tmp_path / "c1", **HEAD, **tiny)
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["features_computed"] == 0, (
+        "the S3 photos hit the features the local folder's run cached: same bytes, same keys"
+    )
+    assert again.classes == local.classes
+    reads["fetched"].clear()
+    florist.train(f"{s3}/photos", tmp_path / "warm", cache_dir=tmp_path / "c2", **HEAD, **tiny)
+    assert len(reads["fetched"]) == florist.report.SAMPLE_IMAGES, (
+        "a re-run reads only the photos TensorBoard shows: the checks are remembered by ETag, the features cached"
+    )
+
+
+@pytest.mark.slow
+def test_finetune_from_s3_keeps_photos_within_the_disk_budget(
+    photos: Path, s3: str, tiny: dict[str, str], tmp_path: Path, reads: dict[str, list]
+) -> None:
+    """finetune reads each photo in several passes; a budget below the photos' total keeps some of them, never more."""
+    total = sum(p.stat().st_size for p in photos.rglob("*.jpg"))
+    budget_mb = total / 3 / 1e6
+    settings = {"mode": "finetune", "eval_fraction": 0.25, "steps": 2, "batch_size": 9, "warmup": 0.5, **tiny}
+    local = florist.train(photos, tmp_path / "local", cache_dir=tmp_path / "c1", **settings)
+    reads["fetched"].clear()
+    streamed = florist.train(
+        f"{s3}/photos", tmp_path / "run", cache_dir=tmp_path / "c2", disk_budget=budget_mb, **settings
+    )
+
+    assert 0 < reads["peak"][0] <= budget_mb * 1e6, "some photos were kept, never more bytes than the budget"
+    assert len(reads["kept"]) < 24 and reads["staged"] == []
+    assert len(set(reads["fetched"])) == 24 and len(reads["fetched"]) > 24, "photos beyond the budget fetched again"
+    for url, fetches in reads["kept"]:
+        assert url not in reads["fetched"][fetches:], "once kept, a photo is read from its local copy"
+    assert not list((tmp_path / "c2" / "remote").glob("*")), "the run's photo cache is removed at its end"
+    ours, theirs = _weights(tmp_path / "run"), _weights(tmp_path / "local")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    paths = [str(p) for p in sorted(photos.rglob("*.jpg"))]
+    np.testing.assert_allclose(streamed.predict_proba(paths)[0], local.predict_proba(paths)[0], atol=1e-5)
+
+
+def test_photo_cache_holds_at_most_its_budget_and_goes_with_its_run(tmp_path: Path, monkeypatch) -> None:
+    abandoned = tmp_path / "remote" / f"{remote.PHOTO_CACHE_PREFIX}killed"
+    (abandoned / "files").mkdir(parents=True)
+    os.utime(abandoned, (time.time() - 2 * remote.ABANDONED_AFTER_S,) * 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes on this machine share the budget
+    with remote.keeping_photos(20, root=tmp_path) as cache:
+        assert not abandoned.exists(), "a killed run's cache is removed"
+        assert cache.budget == 10 and remote.PhotoCache.active() == cache, "workers find it in the environment"
+        for name in "abc":
+            cache.put(f"memory://x/{name}.jpg", name.encode() * 4)
+        assert cache.get("memory://x/a.jpg") == b"aaaa" and cache.get("memory://x/b.jpg") == b"bbbb"
+        assert cache.get("memory://x/c.jpg") is None, "12 bytes would exceed the 10-byte budget"
+        assert sum(f.stat().st_size for f in cache.files.iterdir()) == 8
+    assert remote.PhotoCache.active() is None and not cache.folder.exists()
+    with remote.keeping_photos(0, root=tmp_path) as nothing:
+        assert nothing is None and remote.PhotoCache.active() is None
+
+
+def test_transient_read_failures_are_retried_with_backoff(mem: str, monkeypatch) -> None:
+    fs = _memfs()
+    fs.pipe(f"{mem}/a.jpg", b"photo")
+    calls: list[str] = []
+    waits: list[float] = []
+    failures = [ConnectionError("reset by peer")] * 2
+    cat_file = type(fs).cat_file  # fsspec makes an instance per thread: patch them all
+
+    def flaky(self, path, *args, **kwargs):
+        calls.append(path)
+        if failures:
+            raise failures.pop(0)
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "cat_file", flaky)
+    monkeypatch.setattr(remote.time, "sleep", waits.append)
+    assert remote.read_url(f"{mem}/a.jpg") == b"photo" and len(calls) == 3
+    first = remote.FIRST_BACKOFF_S
+    assert first / 2 <= waits[0] <= first and first <= waits[1] <= 2 * first, f"exponential backoff: {waits}"
+
+    calls.clear()
+    waits.clear()
+    failures[:] = [TimeoutError("slow down")] * remote.READ_ATTEMPTS
+    with pytest.raises(remote.Unavailable, match=rf"could not read {mem}/a.jpg \(5 attempts\): TimeoutError: slow"):
+        remote.read_url(f"{mem}/a.jpg")
+    assert len(calls) == remote.READ_ATTEMPTS and len(waits) == remote.READ_ATTEMPTS - 1
+
+    calls.clear()
+    waits.clear()
+    with pytest.raises(florist.data.BadImage, match="^file not found$"):
+        florist.data.read_file(f"{mem}/gone.jpg")
+    assert len(calls) == 1 and waits == [], "a missing object is not retried"
+
+
+def test_a_photo_gone_since_the_listing_is_skipped_and_an_outage_stops_prepare(
+    photos: Path, mem: str, tmp_path: Path, monkeypatch
+) -> None:
+    _upload(photos, f"{mem}/photos")
+    fs = _memfs()
+    cat_file = type(fs).cat_file  # fsspec makes an instance per thread: patch them all
+    gone, down = f"{mem}/photos/red/red_03.jpg".removeprefix("memory://"), []
+
+    def storage(self, path, *args, **kwargs):
+        if path == gone:
+            raise FileNotFoundError(path)
+        if down:
+            raise ConnectionError("network is unreachable")
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "cat_file", storage)
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    memo = tmp_path / "checks.json"
+    prepared = florist.data.prepare(f"{mem}/photos", eval_fraction=0.25, check_memo=memo)
+    assert [(s.path, s.reason) for s in prepared.skipped] == [(f"memory://{gone}", "file not found")]
+    assert len(prepared.train) + len(prepared.eval) == 23
+
+    fs.pipe(f"{mem}/photos/red/new.jpg", (photos / "red" / "red_00.jpg").read_bytes())
+    down.append(True)
+    with pytest.raises(FloristError, match=r"^could not read memory://.*/red/new.jpg \(5 attempts\): ConnectionError"):
+        florist.data.prepare(f"{mem}/photos", eval_fraction=0.25, check_memo=memo)
+    assert f"memory://{gone}" in json.loads(memo.read_text()), "the verdicts of the first check are kept"
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_decoding_workers_read_s3_in_their_own_processes(
+    photos: Path, s3: str, tiny_backbone, start: str, tmp_path: Path
+) -> None:
+    """fsspec makes each worker process its own S3 filesystem; spawned workers find the photo cache too."""
+    from torch.utils.data import DataLoader
+
+    from florist.features import _ImageFiles
+    from florist.files import sha256_bytes
+
+    names = ["red/red_00.jpg", "green/green_01.jpg", "blue/blue_02.jpg"]
+    files = _ImageFiles([f"{s3}/photos/{n}" for n in names], tiny_backbone.data_config, ["clean"])
+    with remote.keeping_photos(10**6, root=tmp_path) as cache:
+        loader = DataLoader(files, batch_size=1, num_workers=1, multiprocessing_context=start)
+        rows = [(int(i), sha, error) for i, _, (sha,), (error,) in loader]
+        assert len(list(cache.files.iterdir())) == 3, "the worker kept what it fetched"
+    assert rows == [(i, sha256_bytes((photos / n).read_bytes()), "") for i, n in enumerate(names)]
 
 
 # ---------------------------------------------------------------------------

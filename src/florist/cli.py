@@ -207,7 +207,8 @@ def train(
     ),
     resume: bool = typer.Option(True, help="finetune: continue an interrupted run from its checkpoint."),
     cache_dir: Optional[str] = typer.Option(
-        None, help=escape("Feature cache, a local folder (also holds copies of remote data) [default: $FLORIST_CACHE "
+        None, help=escape("Feature cache, a local folder (also holds copies of remote TFRecord data and runs, and the "
+        "photos finetune keeps) [default: $FLORIST_CACHE "
         "or the user cache folder].")
     ),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),

@@ -1,7 +1,8 @@
 """Stage 1, *prepare*: photos on disk -> classes, validated images, a train/eval split.
 
 A photo folder is ``<root>/<class name>/<images>`` (sub-folders inside a class
-folder are searched too). Every candidate file is read once: its bytes are
+folder are searched too), on local disk or under a URL, whose photos are then
+read where they are (see :mod:`florist.remote`). Every candidate file is read once: its bytes are
 hashed (the hash is the image's identity in the feature cache and in the
 manifests) and decoded, so a corrupt or odd file is found here, reported in
 ``skipped.csv`` with a reason, and never reaches training.
@@ -115,7 +116,15 @@ class Prepared:
 
 
 def read_file(path: str | Path) -> bytes:
-    """Read a regular file's bytes, turning every OS-level failure into :class:`BadImage`."""
+    """Read a regular file's bytes, local or under a URL, turning every failure to read it into :class:`BadImage`.
+
+    Raises:
+        BadImage: the file is missing, empty, too large or unreadable.
+        florist.remote.Unavailable: a remote file stayed unreadable after retries (an outage,
+            not a bad image: retried on the next run, never remembered as bad).
+    """
+    if remote.is_remote(path):
+        return _read_remote(str(path))
     p = Path(path)
     try:
         if not p.is_file():
@@ -130,6 +139,25 @@ def read_file(path: str | Path) -> bytes:
         raise BadImage("permission denied") from None
     except OSError as e:
         raise BadImage(f"cannot read file: {e.strerror or e}") from None
+
+
+def _read_remote(url: str) -> bytes:
+    """:func:`read_file` for a URL: the same reasons for the same faults, with :func:`florist.remote.read_url`'s retries."""
+    try:
+        data = remote.read_url(url)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except IsADirectoryError:
+        raise BadImage("a folder, not a file") from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except NotADirectoryError as e:
+        raise BadImage(f"cannot read file: {e}") from None
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImage(f"file too large ({len(data)} bytes > {MAX_FILE_BYTES})")
+    return data
 
 
 def _why_not_a_file(p: Path) -> str:
@@ -243,19 +271,63 @@ def find_class_folders(data_dir: str | Path) -> dict[str, Path]:
     """
     root = Path(data_dir)
     if not root.exists():
-        raise FloristError(f"data folder not found: {root}")
+        raise _not_found(root)
     if not root.is_dir():
-        raise FloristError(f"not a folder: {root} (expected <folder>/<class>/<images>)")
+        raise _not_a_folder(root)
     try:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except PermissionError:
         raise FloristError(f"cannot list folder (permission denied): {root}") from None
     for p in entries:
-        if "\n" in p.name or "\r" in p.name:
-            raise FloristError(
-                f"class folder name with a line break: {p.name!r} (labels.txt has one per line); rename it"
-            )
+        _check_class_name(p.name)
     return {p.name: p for p in entries}
+
+
+def _not_found(data_dir: str | Path) -> FloristError:
+    return FloristError(f"data folder not found: {data_dir}")
+
+
+def _not_a_folder(data_dir: str | Path) -> FloristError:
+    return FloristError(f"not a folder: {data_dir} (expected <folder>/<class>/<images>)")
+
+
+def _check_class_name(name: str) -> None:
+    if "\n" in name or "\r" in name:
+        raise FloristError(f"class folder name with a line break: {name!r} (labels.txt has one per line); rename it")
+
+
+def files_by_class(data_dir: str | Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Class name -> the candidate files in its folder, for every class folder of ``data_dir``, in a fixed order;
+    and for a folder under a URL, each file's version (see :func:`florist.remote.listing`).
+
+    A remote folder's classes and files come from one listing, as a local folder's
+    from walking it; files next to the class folders are not photos of any class.
+
+    Raises:
+        FloristError: if ``data_dir`` does not exist or is not a folder.
+    """
+    if not remote.is_remote(data_dir):
+        root = remote.local_path(data_dir)
+        folders = find_class_folders(root)
+        return {name: [str(p) for _, p in class_files(root, folders, [name])] for name in folders}, {}
+    url = str(data_dir)
+    try:
+        listed = remote.listing(url)
+    except FileNotFoundError:
+        raise _not_found(url) from None
+    except NotADirectoryError:
+        raise _not_a_folder(url) from None
+    by_class: dict[str, list[str]] = defaultdict(list)
+    versions: dict[str, str] = {}
+    for rel in sorted(listed):
+        name, sep, _ = rel.partition("/")
+        if sep:
+            path = remote.join(url, rel)
+            by_class[name].append(path)
+            versions[path] = listed[rel]
+    for name in by_class:
+        _check_class_name(name)
+    return dict(sorted(by_class.items())), versions
 
 
 def _candidate_files(folder: Path) -> Iterator[Path]:
@@ -287,7 +359,7 @@ def check_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     return sha256_bytes(data)
 
 
-def check_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+def check_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Read and fully decode one file; return its SHA-256 or raise :class:`BadImage`."""
     return check_bytes(read_file(path), max_pixels)
 
@@ -297,14 +369,16 @@ class CheckMemo:
 
     A verdict (the file's SHA-256, or why it is unusable) is reused only while the
     file's identity is unchanged: same device, inode, size and modification time
-    (what ``make`` and ``rsync`` trust), and the same pixel limit. Checking the
+    (what ``make`` and ``rsync`` trust), or for a remote file the same version in
+    the folder's listing (``versions``: ETag, size...), and the same pixel limit. Checking the
     1,500 flower photos takes about a second; looking them up takes a few stat
     calls. A missing, corrupt or foreign memo file just means checking afresh.
     """
 
-    def __init__(self, path: str | Path | None, max_pixels: int):
+    def __init__(self, path: str | Path | None, max_pixels: int, versions: dict[str, str] | None = None):
         self.path = Path(path) if path else None
         self.max_pixels = max_pixels
+        self.versions = versions or {}
         self.known: dict[str, list] = {}  # what the memo file held
         self.seen: dict[str, list] = {}  # the verdicts of this check, reused or new
         if self.path is not None and self.path.is_file():
@@ -314,16 +388,21 @@ class CheckMemo:
             except (OSError, ValueError):
                 pass
 
-    def _identity(self, path: Path) -> list:
-        st = path.stat()
+    def _identity(self, path: str) -> list:
+        if path in self.versions:
+            return [self.versions[path], self.max_pixels]
+        st = os.stat(path)
         return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self.max_pixels]
 
-    def wrap(self, check: Callable[[Path], str]) -> Callable[[Path], str]:
-        """``check`` with its verdicts remembered (files that cannot even be stat'ed are always checked)."""
+    def wrap(self, check: Callable[[str], str]) -> Callable[[str], str]:
+        """``check`` with its verdicts remembered (files that cannot even be stat'ed are always checked).
+
+        A remote file that could not be read (:class:`florist.remote.Unavailable`) gets no verdict.
+        """
         if self.path is None:
             return check
 
-        def remembered(path: Path) -> str:
+        def remembered(path: str) -> str:
             try:
                 identity = self._identity(path)
             except OSError:
@@ -356,8 +435,9 @@ class CheckMemo:
 
 
 def check_memo_file(cache_root: str | Path, data_dir: str | Path) -> Path:
-    """Where :class:`CheckMemo` keeps the verdicts on ``data_dir``'s files: one file per folder."""
-    key = sha256_bytes(os.fsencode(os.path.abspath(data_dir)))[:24]
+    """Where :class:`CheckMemo` keeps the verdicts on ``data_dir``'s files (a folder or a URL): one file per folder."""
+    where = str(data_dir) if remote.is_remote(data_dir) else os.path.abspath(data_dir)
+    key = sha256_bytes(os.fsencode(where))[:24]
     return Path(cache_root) / "checks" / f"{key}.json"
 
 
@@ -373,7 +453,7 @@ def scan(
     """Find classes and validate every image under ``data_dir``.
 
     Args:
-        data_dir: a folder of class folders.
+        data_dir: a folder of class folders, or its URL (its photos are read where they are).
         classes: when given (evaluating a trained model), the known class names;
             a class folder not in this list is an error, and labels follow this order.
         max_pixels: per-image pixel limit.
@@ -385,10 +465,9 @@ def scan(
     Raises:
         FloristError: missing folder, no class folders, unknown class folders.
     """
-    root = Path(data_dir)
-    folders = find_class_folders(root)
+    folders, versions = files_by_class(data_dir)
     if not folders:
-        raise FloristError(f"no class folders in {root} (expected {root}/<class>/<images>)")
+        raise FloristError(f"no class folders in {data_dir} (expected {remote.join(data_dir, '<class>/<images>')})")
     if classes is None:
         class_names = list(folders)
     else:
@@ -399,8 +478,8 @@ def scan(
                 f"known classes: {', '.join(map(repr, classes))}"
             )
         class_names = list(classes)
-    candidates = class_files(root, folders, class_names)
-    memo = CheckMemo(check_memo, max_pixels)
+    candidates = [(name, path) for name in class_names for path in folders.get(name, ())]
+    memo = CheckMemo(check_memo, max_pixels, versions)
     results = check_all(memo.wrap(lambda p: check_file(p, max_pixels)), [p for _, p in candidates], workers, progress)
     memo.save()
     index = {name: i for i, name in enumerate(class_names)}
@@ -408,9 +487,9 @@ def scan(
     skipped: list[Skipped] = []
     for (name, path), result in zip(candidates, results):
         if isinstance(result, BadImage):
-            skipped.append(Skipped(str(path), str(result)))
+            skipped.append(Skipped(path, str(result)))
         else:
-            items.append(Item(str(path), index[name], result))
+            items.append(Item(path, index[name], result))
     return Dataset(class_names, items, skipped)
 
 
@@ -569,7 +648,7 @@ def duplicate_warnings(ds: Dataset, root: str | Path, limit: int = 5) -> list[st
     """What :func:`split` did with exact duplicates, for the user to see (and fix with ``florist audit``)."""
 
     def rel(path: str) -> str:
-        return os.path.relpath(path, root)
+        return remote.relative(path, root)
 
     groups = duplicate_groups(ds.items)
     conflicts = [g for g in groups if len({it.label for it in g}) > 1]
@@ -661,22 +740,21 @@ def prepare(
 ) -> Prepared:
     """Scan, validate and split a photo folder; write the manifests when ``out_dir`` is given.
 
-    Either may be a URL (``gs://``, ``s3://``...: see :mod:`florist.remote`); the
-    manifests then name the remote files, while the returned items name their local copies.
+    Either may be a URL (``gs://``, ``s3://``...: see :mod:`florist.remote`); the photos
+    of a remote folder are read where they are, and the items and manifests name their URLs.
 
     Example:
         >>> prepared = florist.prepare("flower_photos", "runs/flowers")  # doctest: +SKIP
         >>> prepared.classes
         ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
     """
-    with remote.local_input(data_dir) as data:
-        ds = scan(data.path, max_pixels=max_pixels, progress=progress, check_memo=check_memo)
-        prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
-        prepared.warnings.extend(duplicate_warnings(ds, data.path))
-        if out_dir is not None:
-            with remote.local_output(out_dir) as out:
-                write_manifests(out.path, prepared)
-                remote.relocate(out.path, data)
+    data_dir = remote.where(data_dir)
+    ds = scan(data_dir, max_pixels=max_pixels, progress=progress, check_memo=check_memo)
+    prepared = split_dataset(ds, eval_fraction=eval_fraction, train_per_class=train_per_class, seed=seed)
+    prepared.warnings.extend(duplicate_warnings(ds, data_dir))
+    if out_dir is not None:
+        with remote.local_output(out_dir) as out:
+            write_manifests(out.path, prepared)
     return prepared
 
 

@@ -96,13 +96,13 @@ def evaluate(
     data gives its ``eval*`` files, or every record (see
     :func:`florist.tfrecord.scan_record_data`). Both folders
     may be URLs (see :mod:`florist.remote`); the run's eval split may name remote
-    images (a run trained on remote data), which are then fetched.
+    images (a run trained on remote data), which are then read where they are.
 
     Returns:
         :func:`compute_metrics`'s dict plus ``"skipped"`` (path, reason) pairs.
     """
     from .data import read_manifest
-    from .inputs import localize
+    from .inputs import data_input, localize
     from .loader import load
 
     with remote.local_input(run_dir, only=[MODEL_JSON, MODEL_WEIGHTS, EVAL_CSV]) as run:
@@ -112,7 +112,7 @@ def evaluate(
             paths = localize([it.path for it in items])
             skipped: list[tuple[str, str]] = []
     if data_dir is not None:
-        with remote.local_input(data_dir) as data:
+        with data_input(data_dir) as data:
             if is_record_data(data.path):
                 ds = scan_record_data(data.path, model.classes)
             else:

@@ -37,6 +37,7 @@ from .engines import FrozenNet, compile_frozen, weights_token
 from .files import sha256_bytes
 from .preprocess import load_for_backbone, resize_size
 from .progress import ProgressFn
+from .remote import Unavailable
 from .store import FeatureCache
 from .tfrecord import read_image_bytes
 
@@ -191,7 +192,9 @@ class _ImageFiles(Dataset):
     Each item is ``(index, pixels, sha256, error)`` with ``pixels`` a tuple holding
     one uint8 ``[3, H, W]`` tensor per view (see :func:`loaded_view`): decoding and
     resizing a JPEG costs more than a random crop of it, so the views share one
-    decode. A bad file yields blank tensors and its error instead of raising.
+    decode. A bad file yields blank tensors and its error instead of raising; so does a
+    remote file that stayed unreadable after retries (checked a moment ago, it is then
+    left out like a file that changed since).
     """
 
     def __init__(self, paths: Sequence[str], data_config: dict[str, Any], views: Sequence[str], seed: int = 0):
@@ -211,7 +214,7 @@ class _ImageFiles(Dataset):
             image = load_for_backbone(data, self.data_config)
             sha = sha256_bytes(data)
             return i, tuple(self._view(image, sha, v, t) for v, t in zip(self.views, self.transforms)), sha, ""
-        except BadImage as e:
+        except (BadImage, Unavailable) as e:
             return i, self.blanks, "", str(e) or "unreadable image"
 
     def _view(self, image: Any, sha: str, view: str, transform: Callable) -> torch.Tensor:

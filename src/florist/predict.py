@@ -172,7 +172,7 @@ class Classifier:
         ``unknown`` (score above ``ood_threshold``, default the run's own) when the run has a detector.
         """
         refuse_ood_threshold(ood_threshold, has_detector=self.ood is not None)
-        pairs = expand_inputs(inputs)  # (name as given, local file)
+        pairs = expand_inputs(inputs)  # (name as given, path to read)
         names, paths = [name for name, _ in pairs], [path for _, path in pairs]
         views = self._views(paths, None, False, progress)
         probs, errors = self.probabilities_from_views(views)

@@ -1,10 +1,19 @@
 """Remote storage: ``gs://``, ``s3://``, ``memory://`` (any fsspec URL) wherever florist takes a path.
 
-Every stage reads and writes plain local files, and keeps doing so: this module
-*stages* remote paths instead of teaching each file access about URLs.
+Photos are *streamed*; the few other files a run needs are *staged*.
 
-* An input (photo folder, TFRecord data, a run folder to evaluate or predict
-  with) is copied into a local folder under ``$FLORIST_CACHE/remote/``. Each
+* A photo under a URL (in a photo folder given to ``train``, ``prepare`` or
+  ``evaluate``, a manifest, or ``predict``'s inputs) is read where it is, whole,
+  by whichever thread or worker process checks or decodes it (:func:`read_url`):
+  a 2 TB bucket needs no 2 TB of local disk. A transient failure is retried with
+  exponential backoff; a missing object is not, it is a bad image like an
+  unreadable local file. A photo folder is listed once (:func:`listing`); the
+  listing's version of each file (ETag, size...) stands in for a local file's
+  modification time, so a re-run checks again only the photos that changed.
+  Nothing keeps photos on local disk except :func:`keeping_photos`, which finetune
+  mode uses to keep what it reads again, within the run's disk budget.
+* Other inputs (TFRecord data, a run folder to evaluate or predict with: a few
+  files) are copied into a local folder under ``$FLORIST_CACHE/remote/``. Each
   file is fetched again only when the listing's ETag/size/modification time
   differs from the copy's, so a second run on the same data downloads nothing.
   Files are downloaded to a temporary name and renamed, so a killed download
@@ -19,9 +28,13 @@ Every stage reads and writes plain local files, and keeps doing so: this module
   read in the hot loop, and a node-local disk (or a shared network filesystem) is
   what a cloud job has anyway.
 
-Under ``torchrun`` one process per machine (``LOCAL_RANK`` 0) downloads while the
-others wait at a barrier, and only rank 0, the process that writes the run
-folder, uploads.
+Under ``torchrun`` every process reads the photos of its own share; one process
+per machine (``LOCAL_RANK`` 0) stages the other inputs while the others wait at
+a barrier, and only rank 0, the process that writes the run folder, uploads.
+
+fsspec keeps a filesystem instance per process and thread (and makes new ones
+after a fork), so every read asks fsspec for it (:func:`_filesystem`) rather than
+keeping one: a DataLoader worker, forked or spawned, then reads with its own.
 
 Credentials and endpoints come from fsspec's usual sources: ``gcloud auth
 application-default login`` for ``gs://``, ``AWS_*`` variables or
@@ -37,9 +50,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +63,7 @@ from typing import Any
 
 from . import distributed as dist
 from .errors import FloristError
-from .files import atomic_write_csv, atomic_write_json, read_csv
+from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_csv
 from .runfiles import MANIFESTS, MODEL_JSON, RUN_JSON
 
 log = logging.getLogger("florist")
@@ -58,6 +73,16 @@ SYNC_EVERY_S = 60.0
 #: Listing fields that identify a file's version, whichever of them the filesystem reports.
 VERSION_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "updated", "mtime",
                   "created")
+#: Attempts at reading a remote photo before a transient failure is final.
+READ_ATTEMPTS = 5
+#: Seconds before the first retry; each further retry waits up to twice as long as the one before.
+FIRST_BACKOFF_S = 0.5
+#: Failures that trying again cannot mend: nothing there, a folder, access refused.
+PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class Unavailable(FloristError):
+    """A remote file could not be read after :data:`READ_ATTEMPTS` attempts (network, throttling, outage)."""
 
 
 def is_remote(path: str | os.PathLike[str] | None) -> bool:
@@ -82,6 +107,11 @@ def local_path(path: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
+def where(path: str | os.PathLike[str]) -> str | Path:
+    """Where to read ``path``: a URL as it is (its files are read remotely), a local path as a :class:`Path`."""
+    return str(path) if is_remote(path) else local_path(path)
+
+
 def require_local(path: str | os.PathLike[str], what: str) -> Path:
     """``path`` as a local :class:`~pathlib.Path`; a URL is an error naming ``what``."""
     if is_remote(path):
@@ -98,7 +128,8 @@ ENV_CACHE = "FLORIST_CACHE"
 def default_cache_dir() -> Path:
     """florist's local cache: ``$FLORIST_CACHE`` if set, else the user cache folder (e.g. ``~/.cache/florist``).
 
-    It holds the feature cache and the local copies of remote data (under ``remote/``).
+    It holds the feature cache and, under ``remote/``, the local copies of remote TFRecord data and
+    run folders and the photos a run keeps (:func:`keeping_photos`).
     """
     if os.environ.get(ENV_CACHE):
         return require_local(os.environ[ENV_CACHE], f"the feature cache (${ENV_CACHE})")
@@ -123,19 +154,101 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
         return fs.cat_file(rpath)
 
 
+def read_url(url: str) -> bytes:
+    """A remote photo's bytes, read whole; from the photo cache when :func:`keeping_photos` holds it.
+
+    Transient failures are retried with exponential backoff (:data:`READ_ATTEMPTS`).
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError: at once, untried again.
+        Unavailable: every attempt failed otherwise.
+        FloristError: ``url``'s filesystem cannot be used (its package is missing...).
+    """
+    cache = PhotoCache.active()
+    data = cache.get(url) if cache else None
+    if data is None:
+        data = _fetch(url)
+        if cache:
+            cache.put(url, data)
+    return data
+
+
+def _fetch(url: str) -> bytes:
+    """``url``'s bytes, with :data:`READ_ATTEMPTS` attempts spaced by exponential backoff with jitter.
+
+    The jitter (each wait drawn between half and all of its step) keeps the decoding
+    workers that failed together from all retrying at the same moment.
+    """
+    fs, rpath = _filesystem(url)
+    attempt = 1
+    while True:
+        try:
+            return fs.cat_file(rpath)
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as e:  # botocore, google.auth and aiohttp errors share no base class
+            if attempt == READ_ATTEMPTS:
+                raise Unavailable(f"could not read {url} ({attempt} attempts): {type(e).__name__}: {e}") from e
+            step = FIRST_BACKOFF_S * 2 ** (attempt - 1)
+            log.debug("reading %s failed (%s: %s); retrying in up to %.1fs", url, type(e).__name__, e, step)
+            time.sleep(random.uniform(step / 2, step))
+            attempt += 1
+
+
+def listing(url: str) -> dict[str, str]:
+    """``{relative name: version}`` of every non-hidden file under the remote folder ``url``, in one listing.
+
+    Raises:
+        FileNotFoundError: nothing is at ``url``.
+        NotADirectoryError: ``url`` is a file.
+        FloristError: the storage cannot be read, or a name would leave the folder (``..``).
+    """
+    fs, rpath = _filesystem(url)
+    with _storage_errors(url):
+        fs.invalidate_cache(rpath)
+        files = _listing(fs, rpath, recursive=True)
+        if files or fs.isdir(rpath):
+            return files
+        is_file = fs.isfile(rpath)
+    raise NotADirectoryError(url) if is_file else FileNotFoundError(url)
+
+
+def folder_names(url: str) -> list[str] | None:
+    """The names directly in the remote folder ``url`` (one listing, not recursive); None when it is a file.
+
+    Raises:
+        FloristError: nothing is at ``url``, or the storage cannot be read.
+    """
+    fs, rpath = _filesystem(url)
+    fs.invalidate_cache(rpath)
+    with _storage_errors(url):
+        if fs.info(rpath)["type"] == "file":
+            return None
+        return [PurePosixPath(name).name for name in fs.ls(rpath, detail=False)]
+
+
+def relative(path: str, root: str | os.PathLike[str]) -> str:
+    """``path`` relative to the folder ``root`` it is in, both local paths or both URLs."""
+    if is_remote(root):
+        prefix = str(root).rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+    return os.path.relpath(path, root)
+
+
 @dataclass(frozen=True)
 class Staged:
     """The local stand-in for a path the user gave.
 
     Attributes:
         url: the path as given.
-        path: the local file or folder to use instead (``url`` itself when it is local).
+        path: the local file or folder to use instead (``url`` itself when it is local, or a photo
+            folder read where it is: see :func:`florist.inputs.data_input`).
         folder: the local copy of the remote folder ``folder_url`` that ``path`` is in
             (None when nothing was staged).
     """
 
     url: str
-    path: Path
+    path: Path | str
     folder: Path | None = None
     folder_url: str = ""
 
@@ -295,7 +408,7 @@ def _listing(fs: Any, folder: str, recursive: bool) -> dict[str, str]:
         if info.get("type") != "file" or not rel or _hidden(rel):
             continue
         if any(part in ("", ".", "..") for part in rel.split("/")):
-            raise FloristError(f"refusing to copy {fs.unstrip_protocol(name)}: its name leaves the folder")
+            raise FloristError(f"refusing to read {fs.unstrip_protocol(name)}: its name leaves the folder")
         out[rel] = _version(info)
     return out
 
@@ -325,6 +438,145 @@ def _download(fs: Any, rpaths: list[str], lpaths: list[Path]) -> None:
     finally:
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# Photos kept for a run that reads them again
+# ---------------------------------------------------------------------------
+
+#: The photo cache in force, as ``"<budget in bytes> <folder>"``: an environment variable, so that
+#: DataLoader workers find it whether they were forked or spawned.
+ENV_PHOTO_CACHE = "FLORIST_PHOTO_CACHE"
+#: Name prefix of the photo caches' folders under ``$FLORIST_CACHE/remote/``.
+PHOTO_CACHE_PREFIX = "photos-"
+#: A photo cache folder this much older than its last change, whose owner lock is free, was left by a killed run.
+ABANDONED_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class PhotoCache:
+    """Remote photos fetched during one run, kept in a local folder, at most ``budget`` bytes of them.
+
+    Nothing is evicted: what reads photos again is a pass over the same photos in
+    the same order (finetune's warm start, its pixel decoding, its eval views), for
+    which a least-recently-used cache would drop each photo just before it is
+    needed again; keeping the first photos that fit serves that share of every
+    later pass, and the rest are fetched again.
+
+    Space is reserved under a lock shared by the run's threads and worker
+    processes before a photo is written, and each photo is written under a
+    temporary name and then renamed: the folder never holds more than ``budget``
+    bytes of photos, half-written ones included, and a reader finds a whole photo or none.
+    """
+
+    folder: Path
+    budget: int
+
+    @property
+    def files(self) -> Path:
+        """Where the photos are, each named by the SHA-256 of its URL."""
+        return self.folder / "files"
+
+    @staticmethod
+    def active() -> PhotoCache | None:
+        """The cache :func:`keeping_photos` set up for this process or its parent, if any."""
+        value = os.environ.get(ENV_PHOTO_CACHE)
+        if not value:
+            return None
+        budget, folder = value.split(" ", 1)
+        return PhotoCache(Path(folder), int(budget))
+
+    def get(self, url: str) -> bytes | None:
+        try:
+            return self._path(url).read_bytes()
+        except OSError:  # not kept (or the run is ending and removed the folder)
+            return None
+
+    def put(self, url: str, data: bytes) -> None:
+        """Keep ``data`` if it fits in what is left of the budget; a failed write only costs a later fetch."""
+        path = self._path(url)
+        if path.exists() or not self._reserve(len(data)):
+            return
+        try:
+            atomic_write_bytes(path, data, sync=False)  # the folder does not outlive the run
+        except OSError as e:
+            self._reserve(-len(data))
+            log.debug("could not keep %s in %s: %s", url, self.files, e)
+
+    def _path(self, url: str) -> Path:
+        return self.files / hashlib.sha256(url.encode("utf-8", errors="surrogateescape")).hexdigest()
+
+    def _reserve(self, n: int) -> bool:
+        """Count ``n`` more bytes as held, if the total stays within the budget (False when it would not)."""
+        from filelock import FileLock
+
+        used_file = self.folder / "reserved"
+        with FileLock(self.folder / "reserve.lock", poll_interval=0.005):
+            try:
+                used = int(used_file.read_text(encoding="ascii"))
+            except (OSError, ValueError):
+                used = 0
+            if used + n > self.budget:
+                return False
+            atomic_write_text(used_file, str(used + n))
+            return True
+
+
+@contextmanager
+def keeping_photos(budget: int, root: str | Path | None = None) -> Iterator[PhotoCache | None]:
+    """While the block runs, keep the remote photos :func:`read_url` fetches, up to ``budget`` bytes (0: none).
+
+    The cache is a new folder under ``<root>/remote/`` (default :func:`default_cache_dir`),
+    removed when the block ends. Per run rather than shared by runs: a remote photo
+    may change between two runs, and a copy kept across them could only be trusted
+    after asking the storage for its version, a request per photo, about what
+    fetching it costs; and a later run needs few photos anyway, since the feature
+    cache holds what was computed from them. Under ``torchrun`` each process of a
+    machine keeps its share of the budget. A folder left behind by a killed run is
+    removed by the next one.
+    """
+    if budget <= 0:
+        yield None
+        return
+    from filelock import FileLock
+
+    base = _staging_root(root)
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(base)
+    folder = Path(tempfile.mkdtemp(prefix=PHOTO_CACHE_PREFIX, dir=base))
+    owner = FileLock(folder / "owner.lock", timeout=0)
+    owner.acquire()
+    cache = PhotoCache(folder, budget // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cache.files.mkdir()
+    previous = os.environ.get(ENV_PHOTO_CACHE)
+    os.environ[ENV_PHOTO_CACHE] = f"{cache.budget} {folder}"
+    try:
+        yield cache
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_PHOTO_CACHE, None)
+        else:
+            os.environ[ENV_PHOTO_CACHE] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+        owner.release()
+
+
+def _remove_abandoned(base: Path) -> None:
+    """Remove photo caches whose run was killed: unchanged for a while, and nobody holds their owner lock."""
+    from filelock import FileLock, Timeout
+
+    for folder in base.glob(f"{PHOTO_CACHE_PREFIX}*"):
+        try:
+            if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            lock = FileLock(folder / "owner.lock", timeout=0)
+            lock.acquire()
+        except (OSError, Timeout):
+            continue  # gone already, or its run is alive
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------

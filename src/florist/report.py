@@ -24,13 +24,13 @@ import datetime
 import io
 import json
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import remote
 from .bundle import is_complete
 from .data import BadImage, Item, duplicate_groups, load_image, read_labels, read_manifest
 from .errors import FloristError
@@ -303,7 +303,7 @@ def _add_heatmaps(run: Path, gallery: list[dict[str, Any]]) -> None:
 def _rel(path: str, root: str | None) -> str:
     if root:
         try:
-            return os.path.relpath(path, root)
+            return remote.relative(path, root)
         except ValueError:  # another drive on Windows
             pass
     return path

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import remote
 from .data import Item
 
 PACKAGES = ("florist", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "scikit-learn")
@@ -37,17 +38,26 @@ def package_versions() -> dict[str, str | None]:
 
 
 def data_hash(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item]) -> str:
-    """SHA-256 over (relative path, class, content hash) of every image used, in a fixed order."""
-    root = Path(os.path.abspath(data_dir))
-    if root.is_file():  # a TFRecord file: its records are named "<file>#<offset>"
-        root = root.parent
+    """SHA-256 over (relative path, class, content hash) of every image used, in a fixed order.
+
+    The same photos give the same hash in a local folder and under a URL.
+    """
     h = hashlib.sha256()
-    # Paths relative to the data folder as the user names them: symlinks are not
-    # followed, since a photo may link to a file stored anywhere else.
-    rows = sorted((os.path.relpath(os.path.abspath(it.path), root), classes[it.label], it.sha256) for it in items)
+    rows = sorted((_relative(it.path, data_dir), classes[it.label], it.sha256) for it in items)
     for row in rows:
         h.update("\t".join(row).encode("utf-8", errors="surrogateescape") + b"\n")  # any file name
     return h.hexdigest()
+
+
+def _relative(path: str, data_dir: str | Path) -> str:
+    """``path`` relative to the data folder as the user names it (a TFRecord file's folder for its records)."""
+    if remote.is_remote(data_dir):
+        return remote.relative(path, data_dir)
+    root = Path(os.path.abspath(data_dir))
+    if root.is_file():  # a TFRecord file: its records are named "<file>#<offset>"
+        root = root.parent
+    # Symlinks are not followed, since a photo may link to a file stored anywhere else.
+    return os.path.relpath(os.path.abspath(path), root)
 
 
 def git_commit() -> str | None:
@@ -68,7 +78,7 @@ def run_info(data_dir: str | Path, classes: Sequence[str], items: Sequence[Item]
     """Everything :mod:`florist.train` writes to ``run.json``."""
     return {
         "command": sys.argv,
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": str(data_dir) if remote.is_remote(data_dir) else str(Path(data_dir).resolve()),
         "data_sha256": data_hash(data_dir, classes, items),
         "n_images": len(items),
         "seed": config.get("seed"),

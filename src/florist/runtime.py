@@ -156,7 +156,7 @@ class ArrayClassifier:
         Exported graphs give the classes only: an ``ood_threshold`` is refused.
         """
         refuse_ood_threshold(ood_threshold, has_detector=False)
-        pairs = expand_inputs(inputs)  # (name as given, local file)
+        pairs = expand_inputs(inputs)  # (name as given, path to read)
         probs, errors = self.predict_proba([path for _, path in pairs], progress=progress)
         return rank([name for name, _ in pairs], probs, errors, self.classes, top_k)
 

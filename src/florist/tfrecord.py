@@ -429,7 +429,7 @@ def shard_names(split: str, shards: int) -> list[str]:
     return [f"{split}-{k:05d}-of-{shards:05d}{SUFFIX}" for k in range(shards)]
 
 
-def _image_record(item: Item, classes: Sequence[str], root: Path) -> ImageRecord:
+def _image_record(item: Item, classes: Sequence[str], root: str | Path) -> ImageRecord:
     """Read an item's file back (it must still be the file that was checked) as a record."""
     try:
         data = read_file(item.path)
@@ -445,7 +445,7 @@ def _image_record(item: Item, classes: Sequence[str], root: Path) -> ImageRecord
         image=data,
         label=item.label,
         text=classes[item.label],
-        filename=Path(item.path).relative_to(root).as_posix(),
+        filename=Path(remote.relative(item.path, root)).as_posix(),
         height=height,
         width=width,
         format=fmt,
@@ -468,7 +468,7 @@ def write_tfrecords(
     written atomically; shards of an earlier run with another shard count are removed.
 
     Args:
-        root: the photo folder the items' paths are under (``image/filename`` is relative to it).
+        root: the photo folder (or its URL) the items' paths are under (``image/filename`` is relative to it).
         shards: files per split (fewer for a split with fewer images).
 
     Returns:
@@ -476,7 +476,7 @@ def write_tfrecords(
     """
     if shards < 1:
         raise SettingError(f"{{shards}} must be >= 1, got {literal(shards)}")
-    out, root = Path(out_dir), Path(root)
+    out = Path(out_dir)
     written: list[Path] = []
     total, done = len(prepared.train) + len(prepared.eval), 0
     for split, items in zip(SPLITS, (prepared.train, prepared.eval)):
@@ -516,10 +516,12 @@ def prepare_tfrecords(
     """
     if shards < 1:
         raise SettingError(f"{{shards}} must be >= 1, got {literal(shards)}")
-    # An earlier prepare's shards in a remote out_dir are replaced, as write_tfrecords does locally.
-    with remote.local_input(data_dir) as data, remote.local_output(out_dir, replaces=[f"*{SUFFIX}"]) as out:
+    # A remote photo folder is read where it is; an earlier prepare's shards in a remote
+    # out_dir are replaced, as write_tfrecords does locally.
+    data_dir = remote.where(data_dir)
+    with remote.local_output(out_dir, replaces=[f"*{SUFFIX}"]) as out:
         prepared = prepare(
-            data.path,
+            data_dir,
             None,
             eval_fraction=eval_fraction,
             train_per_class=train_per_class,
@@ -527,10 +529,9 @@ def prepare_tfrecords(
             max_pixels=max_pixels,
             progress=progress,
         )
-        write_tfrecords(out.path, prepared, data.path, shards=shards, seed=seed)
+        write_tfrecords(out.path, prepared, data_dir, shards=shards, seed=seed)
         write_labels(out.path, prepared.classes)
         write_skipped(out.path, prepared.skipped)
-        remote.relocate(out.path, data)
     return prepared
 
 
@@ -571,7 +572,13 @@ def read_image_bytes(source: str | Path) -> bytes:
 
 
 def is_record_data(path: str | Path) -> bool:
-    """True for a file (a TFRecord) or a folder holding ``*.tfrecord`` files; False for a photo folder."""
+    """True for a file (a TFRecord) or a folder holding ``*.tfrecord`` files; False for a photo folder.
+
+    A URL is told by one listing of what is directly in it (see :func:`florist.remote.folder_names`).
+    """
+    if remote.is_remote(path):
+        names = remote.folder_names(str(path))
+        return names is None or any(name.endswith(SUFFIX) for name in names)
     path = Path(path)
     return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.glob(f"*{SUFFIX}")))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..errors import FloristError, SettingError, escape
 from ..evaluate import compute_metrics
 from ..features import FeatureResult, extract_concat, merged_errors
 from ..files import atomic_write_csv, atomic_write_json, folder_lock, remove_stale_temporaries
+from ..inputs import data_input
 from ..predict import Classifier
 from ..progress import progress_bar
 from ..runfiles import (
@@ -82,7 +83,8 @@ def train(
         config: settings (:class:`~florist.training.TrainConfig`); keyword ``overrides`` replace
             single fields (``florist.train("photos", "run", epochs=30)``).
         cache_dir: feature cache root (default ``$FLORIST_CACHE`` or the user cache folder); a local
-            folder, which also holds local copies of remote data.
+            folder, which also holds local copies of remote TFRecord data and the photos
+            finetune keeps within its ``disk_budget``.
         overwrite: replace a finished run in ``out_dir``.
         resume: finetune: continue from ``out_dir``'s checkpoint of an interrupted run with the
             same settings and data.
@@ -105,11 +107,13 @@ def train(
     try:
         started = time.perf_counter()
         backbones = create_backbones(cfg, device)  # a bad name fails here, before out_dir is touched
-        # Remote data is fetched once per machine; a remote run folder is written locally and uploaded
+        # Remote photos are read where they are (finetune keeps some, within its disk budget), remote
+        # TFRecord data is fetched once per machine; a remote run folder is written locally and uploaded
         # (checkpoint.pt as it changes); model.json is fetched to refuse overwriting a finished run.
         with (
-            remote.local_input(data_dir, siblings=[LABELS], root=cache_root) as data,
+            data_input(data_dir, siblings=[LABELS], root=cache_root) as data,
             remote.local_output(out_dir, fetch=[MODEL_JSON, CHECKPOINT], root=cache_root) as out,
+            _keeping_photos(data, cfg, cache_root),
         ):
             with _claim_out_dir(out.path, overwrite) if dist.is_main() else nullcontext():
                 dist.barrier()
@@ -120,6 +124,12 @@ def train(
     finally:
         if joined:
             dist.shutdown()
+
+
+def _keeping_photos(data: remote.Staged, cfg: TrainConfig, cache_root: Path) -> AbstractContextManager[Any]:
+    """The photo cache of a mode that reads remote photos again (``disk_budget``, in MB); else nothing."""
+    streamed = remote.is_remote(data.path)
+    return remote.keeping_photos(int((cfg.disk_budget or 0) * 1e6) if streamed else 0, cache_root)
 
 
 @contextmanager

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 DEFAULT_MODE = "tune-top"
 #: The package whose modules are the modes (each registers itself when imported).
 MODES_PACKAGE = "florist.training.modes"
+#: What a mode without ``disk_budget`` does instead: the feature cache serves its later passes.
+KEEPS_NO_PHOTOS = "which reads each photo once, for its features, and keeps none"
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,11 @@ class TrainConfig:
         None, "Stop after this many epochs without a better eval top-1.", at_least(1), unset="never"
     )
     device: str | None = setting(None, "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")
+    disk_budget: float | None = setting(
+        None, "Local disk, in MB, for keeping photos read from a URL that the run reads again "
+        "(finetune's later passes); photos beyond it are fetched again; 0 keeps none. Changes no result.",
+        at_least(0),
+    )
     precision: str = setting(
         "auto",
         "Features and training in bf16, fp32, or auto (bf16 where the CPU has native bfloat16); "

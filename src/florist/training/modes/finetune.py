@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from ..job import Fitted, Job
 
 
+#: Default of ``disk_budget``: 10 GB of photos read from a URL, kept to be read again rather than fetched.
+DISK_BUDGET_MB = 10_000
+
+
 def fit(job: Job) -> Fitted:
     """Warm start on cached data (or resume a checkpoint), decode every photo once, then fine-tune."""
     import time
@@ -134,9 +138,13 @@ def warm_start_config(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
 
 
 def _fingerprint(cfg: TrainConfig, prepared: Prepared) -> str:
-    """Settings + exact training/eval images: a checkpoint is resumed only for the same run."""
+    """Settings + exact training/eval images: a checkpoint is resumed only for the same run.
+
+    The disk budget is left out: it changes what is fetched twice, never the model.
+    """
     splits = {"train": prepared.train, "eval": prepared.eval}
-    payload = {"config": cfg.to_dict(), "images": {k: [(it.sha256, it.label) for it in v] for k, v in splits.items()}}
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "disk_budget"}
+    payload = {"config": settings, "images": {k: [(it.sha256, it.label) for it in v] for k, v in splits.items()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -155,6 +163,7 @@ MODE = register(
             "keep": "last",
             "patience": None,
             "device": "auto",
+            "disk_budget": DISK_BUDGET_MB,
             "label_smoothing": 0.1,
             "weight_decay": 0.05,
             "calibration_folds": 0,  # each fold would be a whole fine-tune; ask for it with --calibration-folds

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..registry import ByValue, Mode, register
+from ..registry import KEEPS_NO_PHOTOS, ByValue, Mode, register
 
 if TYPE_CHECKING:
     from ..job import Fitted, Job
@@ -71,5 +71,6 @@ MODE = register(
         },
         fit=fit,
         order=0,
+        instead={"disk_budget": KEEPS_NO_PHOTOS},
     )
 )

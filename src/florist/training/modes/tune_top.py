@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..registry import Mode, register
+from ..registry import KEEPS_NO_PHOTOS, Mode, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,7 +104,7 @@ MODE = register(
         },
         fit=fit,
         order=1,
-        instead={"optimizer": ADAMW, "decay_rate": ADAMW, "decay_steps": ADAMW},
+        instead={"optimizer": ADAMW, "decay_rate": ADAMW, "decay_steps": ADAMW, "disk_budget": KEEPS_NO_PHOTOS},
         ensemble=True,
     )
 )
