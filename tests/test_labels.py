@@ -62,7 +62,8 @@ def test_out_of_fold_probabilities_come_from_heads_that_never_saw_the_row() -> N
 
 
 def test_each_fold_of_a_large_folder_is_fitted_on_a_sample(monkeypatch) -> None:
-    """Beyond FIT_PHOTOS a fold's regression sees a stratified sample of the other folds; every row is still scored."""
+    """Beyond FIT_PHOTOS a fold's regression sees a stratified sample of the other folds, and no more folds are
+    fitted than it takes for them to hold FIT_PHOTOS; every row is still scored."""
     from sklearn.linear_model import LogisticRegression
 
     import florist.labels
@@ -76,7 +77,7 @@ def test_each_fold_of_a_large_folder_is_fitted_on_a_sample(monkeypatch) -> None:
     monkeypatch.setattr(LogisticRegression, "fit", lambda self, x, y, **kw: fitted_on.append(y) or fit(self, x, y, **kw))
     monkeypatch.setattr(florist.labels, "FIT_PHOTOS", 300)
     probs = out_of_fold_probabilities(features, labels, folds=4, c=1.0)
-    assert len(fitted_on) == 4 and all(len(y) <= 303 for y in fitted_on)
+    assert len(fitted_on) == 2 and all(len(y) <= 303 for y in fitted_on), "2 folds of 1,000 leave 500 >= 300"
     assert all(abs(np.bincount(y)[0] / len(y) - 0.5) < 0.02 for y in fitted_on), "each class in proportion"
     assert probs.shape == (1000, 3) and np.allclose(probs.sum(1), 1)
     assert probs[7].argmax() == 1 and probs[7, 0] == probs[labels == 0, 0].min(), "the swapped row stands out"

@@ -19,7 +19,7 @@ from florist.calibration import (
 )
 from florist.cli import app
 from florist.ood import ACCEPT, OodDetector, fit_detector
-from florist.sampling import stratified_sample
+from florist.sampling import fold_count, stratified_sample
 
 runner = CliRunner()
 
@@ -103,6 +103,45 @@ def test_many_photos_set_the_threshold_from_a_stratified_sample(monkeypatch) -> 
     fresh_y = rng.integers(0, 3, 3000)
     fresh = centres[fresh_y] + rng.normal(0, 0.3, (3000, 16))
     assert abs(np.mean(~detector.unknown(detector.score(fresh))) - ACCEPT) < 0.03
+
+
+def test_the_covariance_of_many_photos_comes_from_a_sample(monkeypatch) -> None:
+    """Beyond COVARIANCE_PHOTOS the precision is estimated on a seeded sample; the class means still use every photo."""
+    from sklearn.covariance import ledoit_wolf
+
+    from florist import ood
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), [300, 200, 100])
+    x = np.eye(3, 12)[y] * 3 + rng.normal(0, 1, (len(y), 12))
+    full = ood.OodDetector.fit(x, y)
+    monkeypatch.setattr(ood, "COVARIANCE_PHOTOS", 120)
+    sampled = ood.OodDetector.fit(x, y, seed=0)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([unit[y == c].mean(0) for c in range(3)])
+    assert np.allclose(sampled.means, means, atol=1e-6) and np.allclose(full.means, means, atol=1e-6)
+    rows = stratified_sample(y, 120, seed=0)
+    covariance, _ = ledoit_wolf(unit[rows] - means[y[rows]], assume_centered=True)
+    assert np.allclose(sampled.precision, np.linalg.inv(covariance), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(sampled.precision, full.precision, rtol=1e-2), "not the full estimate"
+    assert np.array_equal(ood.OodDetector.fit(x, y, seed=0).precision, sampled.precision), "seeded"
+
+
+def test_fold_count_stops_adding_folds_once_the_others_hold_enough() -> None:
+    assert fold_count(5, 1500, 10_000) == 5  # a small folder keeps every fold it asked for
+    assert fold_count(5, 80_000, 10_000) == 2 and fold_count(5, 20_000, 10_000) == 2
+    assert fold_count(5, 14_000, 10_000) == 4  # 3 folds would leave 9,333
+    assert fold_count(2, 10**6, 10) == 2 and fold_count(3, 100, 10**6) == 3
+
+
+def test_a_large_training_part_is_calibrated_with_fewer_folds(photos: Path, tiny: dict, tmp_path: Path, monkeypatch) -> None:
+    """Past FOLD_PHOTOS per fold's model the cross-fit uses the fewest folds that reach it (here 2 of the 5 asked)."""
+    from florist.training import trust
+
+    monkeypatch.setattr(trust, "FOLD_PHOTOS", 4)
+    florist.train(photos, tmp_path / "run", mode="head", cache_dir=tmp_path / "cache", **tiny)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["calibration"]["folds"] == 2
 
 
 def test_trained_run_is_calibrated_and_answers_unknown(trained_run: Path, photos: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import FloristError, SettingError, literal
 from .progress import ProgressFn
-from .sampling import stratified_sample
+from .sampling import fold_count, stratified_sample
 
 #: Parts the photos are split into for out-of-fold predictions.
 DEFAULT_FOLDS = 5
@@ -38,7 +38,7 @@ DEFAULT_FILTER = "prune_by_class"
 #: Photos each fold's regression is fitted on at most (a seeded, stratified sample of the other
 #: folds beyond): strongly regularised (:data:`DEFAULT_C`), it needs no more, while its time
 #: grows with every photo (5 folds of 100,000 photos took a minute on a 2-core CPU). Every
-#: photo is still scored.
+#: photo is still scored, by the fewest folds whose other folds hold that many (2 at 100,000).
 FIT_PHOTOS = 10_000
 #: Views whose pooled features are averaged (training caches both).
 VIEWS = ("clean", "flip")
@@ -83,7 +83,8 @@ def out_of_fold_probabilities(
             f"the smallest class has {counts.min()}"
         )
     probs = np.zeros((len(labels), len(counts)), dtype=np.float64)
-    for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
+    folds = fold_count(folds, len(labels), FIT_PHOTOS)  # each fit is on a sample of that many anyway
+    for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):  # X: only its length
         train = train[stratified_sample(labels[train], FIT_PHOTOS, seed)]
         head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
         head.fit(features[train], labels[train])

@@ -30,3 +30,17 @@ def stratified_sample(labels: np.ndarray, size: int, seed: int = 0, minimum: int
         take = min(len(rows), max(minimum, round(len(rows) * size / len(labels))))
         picked.append(rng.choice(rows, take, replace=False))
     return np.sort(np.concatenate(picked))
+
+
+def fold_count(asked: int, photos: int, enough: int) -> int:
+    """The fewest folds, from 2 up to ``asked``, whose every k-1 folds hold ``enough`` of ``photos``.
+
+    A cross-fit fits one model per fold on the other folds. Once those hold ``enough``
+    photos (for a model that stops gaining from more, or that is fitted on a sample of
+    that size anyway), further folds cost a fit each and add nothing; ``asked`` when even
+    ``asked`` folds leave fewer.
+    """
+    for k in range(2, asked):
+        if photos * (k - 1) / k >= enough:
+            return k
+    return asked
