@@ -377,6 +377,8 @@ def _drop_failed(
 ) -> tuple[list[Item], dict[str, np.ndarray], list[Skipped]]:
     """Remove images that failed in any view (e.g. a file changed since prepare)."""
     errors = merged_errors(views.values())
+    if not errors:  # the usual case: no copy of every view's features (1 GB at 100,000 photos)
+        return items, {v: r.features for v, r in views.items()}, []
     keep = [i for i in range(len(items)) if i not in errors]
     skipped = [Skipped(items[i].path, reason) for i, reason in sorted(errors.items())]
     return [items[i] for i in keep], {v: r.features[keep] for v, r in views.items()}, skipped

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 #: Head mode's step budget. 15 epochs fit a thousand photos in about a thousand steps; at
 #: 100,000 photos they are 75,000 steps of a linear layer that has long converged, repeated by
-#: each of calibration's 5 folds. 10,000 steps leave every folder of up to about 10,000 photos
-#: as it was, and took the same top-1 as 15 full epochs on 100,000 (bench/scale.py).
+#: each calibration fold. 10,000 steps leave every folder of up to about 10,000 photos as it
+#: was; on 100,000 generated photos, held out by source photo, they scored 91.2% top-1 against
+#: 15 full epochs' 91.4% (5,000 steps: 90.7%), with a lower log-loss, in 2.5 s instead of
+#: 19 s a fit (bench/results/step_budget.json).
 MAX_STEPS = 10_000
 
 
