@@ -45,8 +45,16 @@ def test_moved_photos_are_found_with_their_true_class(mislabelled: Path, tiny: d
 
 def test_a_clean_folder_has_no_suspects(photos: Path, tiny: dict[str, str]) -> None:
     report = florist.audit(photos, labels=True, folds=4, **tiny)
-    assert report.label_issues == [] and report.settings["labels"]
+    assert report.label_issues == [] and report.settings["labels"] and report.settings["folds"] == 4
     assert florist.audit(photos).label_issues == []  # off unless asked
+
+
+def test_audit_reports_the_folds_it_fitted(photos: Path, tiny: dict[str, str], monkeypatch) -> None:
+    """A folder whose other folds hold FIT_PHOTOS with fewer folds is fitted, and reported, with fewer."""
+    import florist.labels
+
+    monkeypatch.setattr(florist.labels, "FIT_PHOTOS", 6)  # 2 folds of 24 photos leave 12
+    assert florist.audit(photos, labels=True, folds=4, **tiny).settings["folds"] == 2
 
 
 def test_out_of_fold_probabilities_come_from_heads_that_never_saw_the_row() -> None:

@@ -42,7 +42,7 @@ from .data import (
 )
 from .errors import FloristError
 from .files import sha256_bytes
-from .labels import DEFAULT_FOLDS, LabelIssue, find_label_issues
+from .labels import DEFAULT_FOLDS, LabelIssue, find_label_issues, folds_fitted
 from .progress import ProgressFn
 
 #: Largest Hamming distance (of 64 bits) between perceptual hashes that counts as a
@@ -282,7 +282,7 @@ def audit(
             [it.path for it in items], [it.label for it in items], names, [rel(it.path) for it in items],
             shas=[it.sha256 for it in items], backbone=backbone, weights=weights, engine=engine, folds=folds, progress=labels_progress,
         )
-        report.settings.update(labels=True, folds=folds, backbone=backbone)
+        report.settings.update(labels=True, folds=folds_fitted(folds, len(items)), backbone=backbone)
     report.warnings = _warnings(report, imbalance)
     return report
 

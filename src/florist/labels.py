@@ -61,6 +61,12 @@ class LabelIssue:
     score: float
 
 
+def folds_fitted(folds: int, photos: int) -> int:
+    """How many of ``folds`` :func:`out_of_fold_probabilities` fits for ``photos`` photos (each fit is
+    on a sample of :data:`FIT_PHOTOS` anyway, so no more than it takes for the other folds to hold that)."""
+    return fold_count(folds, photos, FIT_PHOTOS)
+
+
 def out_of_fold_probabilities(
     features: np.ndarray, labels: np.ndarray, folds: int = DEFAULT_FOLDS, seed: int = 0, c: float = DEFAULT_C
 ) -> np.ndarray:
@@ -83,7 +89,7 @@ def out_of_fold_probabilities(
             f"the smallest class has {counts.min()}"
         )
     probs = np.zeros((len(labels), len(counts)), dtype=np.float64)
-    folds = fold_count(folds, len(labels), FIT_PHOTOS)  # each fit is on a sample of that many anyway
+    folds = folds_fitted(folds, len(labels))
     for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):  # X: only its length
         train = train[stratified_sample(labels[train], FIT_PHOTOS, seed)]
         head = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
