@@ -129,11 +129,7 @@ def read_file(path: str | Path) -> bytes:
     try:
         if not p.is_file():
             raise BadImage(_why_not_a_file(p))
-        size = p.stat().st_size
-        if size == 0:
-            raise BadImage("empty file (0 bytes)")
-        if size > MAX_FILE_BYTES:
-            raise BadImage(f"file too large ({size} bytes > {MAX_FILE_BYTES})")
+        _check_size(p.stat().st_size)  # before reading: a huge file is refused unread
         return p.read_bytes()
     except PermissionError:
         raise BadImage("permission denied") from None
@@ -153,11 +149,16 @@ def _read_remote(url: str) -> bytes:
         raise BadImage("permission denied") from None
     except NotADirectoryError as e:
         raise BadImage(f"cannot read file: {e}") from None
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    if len(data) > MAX_FILE_BYTES:
-        raise BadImage(f"file too large ({len(data)} bytes > {MAX_FILE_BYTES})")
+    _check_size(len(data))
     return data
+
+
+def _check_size(size: int) -> None:
+    """A file of ``size`` bytes is no image florist reads: empty, or over :data:`MAX_FILE_BYTES`."""
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise BadImage(f"file too large ({size} bytes > {MAX_FILE_BYTES})")
 
 
 def _why_not_a_file(p: Path) -> str:
@@ -421,7 +422,7 @@ class CheckMemo:
         if self.path is None:
             return check
 
-        def remembered(path: str) -> str:
+        def recorded(path: str) -> str:
             try:
                 identity = self._identity(path)
             except OSError:
@@ -435,7 +436,7 @@ class CheckMemo:
                 return entry[2]
             raise BadImage(entry[2])
 
-        return remembered
+        return recorded
 
     def save(self) -> None:
         """Write this check's verdicts (atomically) when they differ from the file's.

@@ -7,11 +7,11 @@
 Each photo's class is predicted by a head that never saw it: the photos are split into
 ``folds`` stratified parts, and a multinomial logistic regression on the backbone's pooled
 features (cached, as training caches them: a folder florist has trained on costs no network
-pass) is fitted on the other parts (on a sample of :data:`FIT_PHOTOS` of them, for large folders). Those out-of-fold probabilities go to cleanlab's
-confident learning (Northcutt et al., 2021), which estimates, per class pair, how many
-labels are swapped, and returns the photos most likely mislabelled, ranked by the
-out-of-fold probability of their given class (cleanlab's self-confidence: lower is more
-suspect).
+pass) is fitted on the other parts (on a sample of :data:`FIT_PHOTOS` of them, for large
+folders). Those out-of-fold probabilities go to cleanlab's confident learning (Northcutt
+et al., 2021), which estimates, per class pair, how many labels are swapped, and returns
+the photos most likely mislabelled, ranked by the out-of-fold probability of their given
+class (cleanlab's self-confidence: lower is more suspect).
 """
 
 from __future__ import annotations

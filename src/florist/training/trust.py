@@ -188,7 +188,7 @@ def reference_features(job: Job, reference: list[Backbone], items: list[Item]) -
     """
     known = job.remembered.get(Remembered.key(reference, "clean", job.cfg.seed), items)
     if known is not None:
-        return known.astype(np.float32)
+        return known.astype(np.float32, copy=False)  # 0.5 GB at 100,000 photos: no copy
     result = extract_concat(
         reference, [it.path for it in items], ["clean"], shas=[it.sha256 for it in items],
         cache_root=job.cache_root, seed=job.cfg.seed,
