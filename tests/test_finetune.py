@@ -288,7 +288,8 @@ def test_torchrun_two_processes_match_one(
     """2 CPU processes (gloo) split every batch of 6 in two and reach the single-process weights.
 
     In fp32 the only difference is the order of floating-point sums (3 + 3 examples, then an
-    all-reduce, against 6 at once), so the weights agree to float rounding. bf16 kernels round
+    all-reduce, against 6 at once), so the weights agree to float rounding (amplified by Adam
+    in a few weights with near-zero gradients). bf16 kernels round
     batches of 3 and 6 differently and Adam amplifies that rounding in near-zero gradients, so
     there the check is relative: the two-process run lands far closer to the one-process run than
     a run with another seed (another split and batch order) does.
@@ -301,9 +302,11 @@ def test_torchrun_two_processes_match_one(
     m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     assert (m2["n_train"], m2["n_eval"], m2["history"]["step"]) == (m1["n_train"], m1["n_eval"], m1["history"]["step"])
     gap = float((u1 - u2).norm() / u1.norm())
-    if precision == "fp32":  # measured: 4e-6 relative, 1e-6 at most in one weight
+    if precision == "fp32":  # measured: 7e-11 relative; 2.7e-5 at most, in 1 of 168,812 values, 11 above 1e-6
         assert gap < 1e-4
-        torch.testing.assert_close(u2, u1, atol=1e-5, rtol=0)
+        # Adam divides by the root of a near-zero second moment in a few weights, which turns the
+        # sums' last-bit differences into 1e-5-sized ones there; the median update is 4e-3.
+        torch.testing.assert_close(u2, u1, atol=1e-4, rtol=0)
     else:  # measured: 0.006 against 1.4 for another seed
         florist.train(photos, tmp_path / "other", **{**settings, "seed": 1})
         assert gap < 0.05

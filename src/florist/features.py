@@ -35,7 +35,7 @@ from .backbones import Backbone
 from .data import BadImage
 from .engines import FrozenNet, compile_frozen, weights_token
 from .files import sha256_bytes
-from .preprocess import load_for_backbone, resize_size
+from .preprocess import eval_crop, load_for_backbone, resize_size, supports_eval_crop
 from .progress import ProgressFn
 from .remote import Unavailable
 from .store import FeatureCache
@@ -44,7 +44,7 @@ from .tfrecord import read_image_bytes
 log = logging.getLogger("florist")
 
 #: Bump when the way features are computed changes, so stale cache entries are not reused.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: eval_crop resamples only the crop; flip mirrors the clean crop
 
 # ---------------------------------------------------------------------------
 # Preprocessing
@@ -84,9 +84,9 @@ def view_shape(data_config: dict[str, Any], view: str) -> tuple[int, int, int]:
 
 
 def build_transform(data_config: dict[str, Any], view: str = "clean"):
-    """PIL image -> normalised tensor, exactly as timm evaluates the backbone.
+    """PIL image -> normalised tensor, as timm evaluates the backbone (geometry: :func:`florist.preprocess.eval_crop`).
 
-    ``view="flip"`` mirrors the image first; ``aug<k>`` views take a random resized
+    ``view="flip"`` is the clean crop mirrored; ``aug<k>`` views take a random resized
     crop, a random flip and colour jitter (seeded per image by the caller). A view
     name ending in ``/u8`` (:data:`PIXELS`) gives the same pixels as uint8, before
     scaling and normalisation (:func:`normalize_pixels` finishes them bit for bit);
@@ -112,8 +112,7 @@ def _image_steps(data_config: dict[str, Any], view: str) -> list:
 
     interpolation = str_to_interp_mode(data_config["interpolation"])
     if view == "square":
-        side = resize_size(data_config)
-        return [T.Resize(side, interpolation=interpolation), T.CenterCrop(side)]
+        return [EvalCrop(data_config, view)]
     if is_random_view(view):
         size = tuple(data_config["input_size"][-2:])
         return [
@@ -123,7 +122,9 @@ def _image_steps(data_config: dict[str, Any], view: str) -> list:
         ]
     if view not in ("clean", "flip"):
         raise ValueError(f"unknown view {view!r}")
-    evaluation = create_transform(
+    if supports_eval_crop(data_config):
+        return [EvalCrop(data_config, view)]
+    evaluation = create_transform(  # timm's own geometry for preprocessing eval_crop does not handle
         input_size=tuple(data_config["input_size"]),
         interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]),
@@ -133,7 +134,20 @@ def _image_steps(data_config: dict[str, Any], view: str) -> list:
         is_training=False,
     )
     geometry = [t for t in evaluation.transforms if isinstance(t, (T.Resize, T.CenterCrop))]
-    return [T.RandomHorizontalFlip(p=1.0), *geometry] if view == "flip" else geometry
+    return [*geometry, T.RandomHorizontalFlip(p=1.0)] if view == "flip" else geometry
+
+
+class EvalCrop:
+    """:func:`florist.preprocess.eval_crop` as a transform step: one implementation of the geometry for every path."""
+
+    def __init__(self, data_config: dict[str, Any], view: str):
+        self.data_config, self.view = data_config, view
+
+    def __call__(self, image: Any) -> Any:
+        return eval_crop(image, self.data_config, self.view)
+
+    def __repr__(self) -> str:
+        return f"EvalCrop(view={self.view!r}, input_size={self.data_config['input_size']})"
 
 
 def normalize_pixels(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
@@ -273,11 +287,12 @@ def default_workers(n_images: int) -> int:
 
 
 #: Images per forward pass during extraction on CPU, where small batches keep a
-#: block's activations in cache. bf16 lite0's forward pass alone measured 163, 122 and
-#: 86 img/s at batches of 8, 16 and 64 (bench/results/speed.json). In full extraction,
-#: measured in one run, 16 gave 76 and 68 img/s where 64 gave 49 and 56; 8 was within
-#: noise of 16. Decoding workers still hand over batches of 64.
-FORWARD_BATCH = 16
+#: block's activations in cache. Measured in one run, five interleaved rounds, on 1,500
+#: photos (OpenVINO bf16 lite0, 2 decoding workers, 2-core CPU): extraction medians
+#: 236 img/s at 8 and 226 at 16; the network alone is as fast at 8 as at 16, and
+#: slower at 32 and 64 (bench/results/speed.json). Decoding workers still hand over
+#: batches of 64.
+FORWARD_BATCH = 8
 
 
 class FromPixels(nn.Module):
