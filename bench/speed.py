@@ -540,6 +540,7 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-fp32-train", action="store_true", help="no cold default-mode run with torch fp32 (10 minutes)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--train-only", action="store_true", help="re-measure the florist train runs only; the rest of --out is kept")
     parser.add_argument("--table-only", action="store_true", help="recompute the ratios in --out and rebuild the README table")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -559,6 +560,16 @@ def main() -> None:
         return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
+    if args.train_only:
+        report = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
+            report["results"]["train"] = train_runs(args, Path(tmp), lambda what, v: print(what, json.dumps(v), file=sys.stderr))
+        report["train_measured"] = time.strftime("%Y-%m-%d %H:%M")
+        report["summary"] = summarise(report["results"], report["machine"]["cpus"])
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        update_readme("speed-table", table(report), ROOT / "README.md")
+        print(table(report))
+        return
     if args.quick:
         args.images, args.repeats, args.forward_images = args.images or 96, 1, 64
         args.batch_sizes, args.skip_train, args.skip_rss = [16, 32], True, True
