@@ -65,6 +65,18 @@ def test_measurements_run_and_make_a_report(speed, photos: Path, tiny: dict[str,
     assert summary["shared_core_ceiling_images_per_s"] < summary["b_best_images_per_s"]
     assert speed.summarise(results, cores=1)["shared_core_ceiling_images_per_s"] < summary["shared_core_ceiling_images_per_s"]
 
+    # c/ceiling from back-to-back rounds: each round's own a, b and c; the summary keeps the median round
+    best = max(results["compute_limit"], key=lambda n: results["compute_limit"][n]["images_per_s"])
+    results["ratio_rounds"] = speed.ratio_rounds(paths, default, combos[best], 8, 3, 16, tmp_path / "rounds")
+    rounds = results["ratio_rounds"]["rounds"]
+    assert len(rounds) == 3
+    for r in rounds:
+        assert r["ceiling"] == pytest.approx(speed.CORES / (speed.CORES / r["b"] + 1 / r["a"]), rel=1e-3)
+        assert r["c_over_ceiling"] == pytest.approx(r["c"] / r["ceiling"], abs=1e-3)
+    summary = speed.summarise(results, cores=speed.CORES)
+    assert summary["c_over_ceiling"] == sorted(r["c_over_ceiling"] for r in rounds)[1]
+    assert summary["c_over_ceiling_rounds"] == [r["c_over_ceiling"] for r in rounds]
+
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- speed-table:start -->\nold\n<!-- speed-table:end -->\nend\n")
     speed.update_readme("speed-table", speed.table({"results": results, "summary": summary}), readme)
