@@ -15,10 +15,10 @@ Everything is measured in one run, on one machine, so the ratios compare like wi
 
 then the shared-core ceiling ``cores / (cores / b_best + 1 / a)`` from the best
 engine and the ratio c/ceiling, both from ``--rounds`` rounds of a, b and c measured
-back to back (the median round: the machine drifts within minutes), the ratio c/d, head-mode top-1 of every combination by
-5-fold cross-validation over all the photos (the 0.3-point rule), wall times of
-``florist train`` cold (empty cache) and warm for ``--mode head`` and the default
-mode, with ``--engine auto`` and ``--engine torch`` (and the default mode's top-1 on
+back to back (the median round: the machine drifts within minutes), the ratio c/d,
+head-mode top-1 of every combination by 5-fold cross-validation over all the photos
+(the 0.3-point rule), wall times of ``florist train`` cold (empty cache) and warm for
+``--mode head`` and the default mode, with ``--engine auto`` and ``--engine torch`` (and the default mode's top-1 on
 the fixed split with torch fp32), and the peak resident memory of extraction.
 Throughput figures are the median of ``--repeats`` timed runs after a warm-up.
 
@@ -479,6 +479,11 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def log_progress(what: str, value: object) -> None:
+    """One measurement as a progress line on stderr."""
+    print(f"{what}: {json.dumps(value)}", file=sys.stderr, flush=True)
+
+
 def measure_rounds(
     args: argparse.Namespace, results: dict, combos: dict[str, Backbone], default: Backbone, paths: Sequence[Path], work: Path
 ) -> dict:
@@ -489,9 +494,7 @@ def measure_rounds(
 
 def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
     """Run every measurement in turn; progress lines go to stderr."""
-
-    def log(what: str, value: object) -> None:
-        print(f"{what}: {json.dumps(value)}", file=sys.stderr, flush=True)
+    log = log_progress
 
     combos = {combo_name(e, b): backbone_for(e, b, args.backbone, args.weights) for e, b in combinations()}
     default_name = combo_name(*default_combo())
@@ -526,6 +529,24 @@ def measure(args: argparse.Namespace, paths: list[Path], work: Path) -> dict:
         results["peak_rss"] = [peak_rss(args.data, args.images, k, args.backbone, args.weights) for k in (1, 4)]
         log("peak RSS", results["peak_rss"])
     return results
+
+
+def remeasure(args: argparse.Namespace, part: str) -> None:
+    """Measure one part of the results again (``ratio_rounds`` or ``train``), keep the rest of ``--out``, rebuild summary and table."""
+    report = json.loads(args.out.read_text())
+    results = report["results"]
+    with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
+        if part == "train":
+            results["train"] = train_runs(args, Path(tmp), log_progress)
+        else:
+            combos = {combo_name(e, b): backbone_for(e, b, args.backbone, args.weights) for e, b in combinations()}
+            subset = list_images(args.data, args.images)[: args.extract_images]
+            results[part] = measure_rounds(args, results, combos, combos[results["default"]], subset, Path(tmp))
+    report.setdefault("remeasured", {})[part] = time.strftime("%Y-%m-%d %H:%M")
+    report["summary"] = summarise(results, report["machine"]["cpus"])
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    update_readme("speed-table", table(report), ROOT / "README.md")
+    print(table(report))
 
 
 def main() -> None:
@@ -566,27 +587,8 @@ def main() -> None:
         return
     if not args.data.is_dir():
         raise SystemExit(f"data not found: {args.data}")
-    if args.rounds_only:
-        report = json.loads(args.out.read_text())
-        combos = {combo_name(e, b): backbone_for(e, b, args.backbone, args.weights) for e, b in combinations()}
-        subset = list_images(args.data, args.images)[: args.extract_images]
-        with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
-            rounds = measure_rounds(args, report["results"], combos, combos[report["results"]["default"]], subset, Path(tmp))
-        report["results"]["ratio_rounds"] = {**rounds, "measured": time.strftime("%Y-%m-%d %H:%M")}
-        report["summary"] = summarise(report["results"], report["machine"]["cpus"])
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        update_readme("speed-table", table(report), ROOT / "README.md")
-        print(json.dumps(report["summary"], indent=1))
-        return
-    if args.train_only:
-        report = json.loads(args.out.read_text())
-        with tempfile.TemporaryDirectory(prefix="florist-speed-") as tmp:
-            report["results"]["train"] = train_runs(args, Path(tmp), lambda what, v: print(what, json.dumps(v), file=sys.stderr))
-        report["train_measured"] = time.strftime("%Y-%m-%d %H:%M")
-        report["summary"] = summarise(report["results"], report["machine"]["cpus"])
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        update_readme("speed-table", table(report), ROOT / "README.md")
-        print(table(report))
+    if args.rounds_only or args.train_only:
+        remeasure(args, "ratio_rounds" if args.rounds_only else "train")
         return
     if args.quick:
         args.images, args.repeats, args.forward_images = args.images or 96, 1, 64
