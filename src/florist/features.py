@@ -35,7 +35,7 @@ from .backbones import Backbone
 from .data import BadImage
 from .engines import FrozenNet, compile_frozen, weights_token
 from .files import sha256_bytes
-from .preprocess import eval_crop, load_for_backbone, resize_size, supports_eval_crop
+from .preprocess import VIEWS, eval_crop, load_for_backbone, resize_size, supports_eval_crop, view_of_crop
 from .progress import ProgressFn
 from .remote import Unavailable
 from .store import FeatureCache
@@ -217,6 +217,8 @@ class _ImageFiles(Dataset):
         self.views = list(views)
         self.seed = seed
         self.transforms = [build_transform(data_config, loaded_view(v)) for v in self.views]
+        # The clean and mirrored views share one resampled crop (see preprocess.view_of_crop).
+        self.shares_crop = supports_eval_crop(data_config) and any(_crop_view(v) in VIEWS for v in self.views)
         self.blanks = tuple(torch.zeros(view_shape(data_config, v), dtype=torch.uint8) for v in self.views)
 
     def __len__(self) -> int:
@@ -227,17 +229,28 @@ class _ImageFiles(Dataset):
             data = read_image_bytes(self.paths[i])  # a file or a TFRecord record
             image = load_for_backbone(data, self.data_config)
             sha = sha256_bytes(data)
-            return i, tuple(self._view(image, sha, v, t) for v, t in zip(self.views, self.transforms)), sha, ""
+            clean = eval_crop(image, self.data_config) if self.shares_crop else None
+            views = tuple(self._view(image, clean, sha, v, t) for v, t in zip(self.views, self.transforms))
+            return i, views, sha, ""
         except (BadImage, Unavailable) as e:
             return i, self.blanks, "", str(e) or "unreadable image"
 
-    def _view(self, image: Any, sha: str, view: str, transform: Callable) -> torch.Tensor:
+    def _view(self, image: Any, clean: Any, sha: str, view: str, transform: Callable) -> torch.Tensor:
+        if clean is not None and _crop_view(view) in VIEWS:  # transform's uint8 output, without resampling again
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(view_of_crop(clean, _crop_view(view)))
         if not is_random_view(view):
             return transform(image)
         # Seed torchvision's (global) RNG per image and view, without disturbing the caller's.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(view_seed(sha, view, self.seed))
             return transform(image)
+
+
+def _crop_view(view: str) -> str:
+    """The geometry of a view (``flip/u8`` -> ``flip``)."""
+    return view.removesuffix(PIXELS)
 
 
 def loaded_view(view: str) -> str:

@@ -98,8 +98,12 @@ def eval_crop(image: Image.Image, data_config: dict[str, Any], view: str = "clea
     else:
         height, width = data_config["input_size"][-2:]
     target = _resized_size(image.size, data_config, square=view == "square")
-    crop = _resized_crop(image, target, (height, width), _resample(data_config["interpolation"]))
-    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view == "flip" else crop
+    return view_of_crop(_resized_crop(image, target, (height, width), _resample(data_config["interpolation"])), view)
+
+
+def view_of_crop(clean: Image.Image, view: str) -> Image.Image:
+    """``view`` (``clean`` or ``flip``) made from the clean crop: one resample serves both views."""
+    return clean.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view == "flip" else clean
 
 
 def _resized_crop(
@@ -146,7 +150,12 @@ def crop_pixels(image: Image.Image, data_config: dict[str, Any], view: str = "cl
 
 def to_array(image: Image.Image, data_config: dict[str, Any], view: str = "clean") -> np.ndarray:
     """One RGB image -> ``[3, H, W]`` float32, normalised as the backbone expects (views: :func:`crop_pixels`)."""
-    pixels = crop_pixels(image, data_config, view).astype(np.float32) / np.float32(255)
+    return _normalised(crop_pixels(image, data_config, view), data_config)
+
+
+def _normalised(crop: np.ndarray, data_config: dict[str, Any]) -> np.ndarray:
+    """``[H, W, 3]`` uint8 pixels -> ``[3, H, W]`` float32, scaled to [0, 1] and normalised."""
+    pixels = crop.astype(np.float32) / np.float32(255)
     mean = np.asarray(data_config["mean"], dtype=np.float32)
     std = np.asarray(data_config["std"], dtype=np.float32)
     return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
@@ -209,10 +218,13 @@ def image_arrays(
         florist.data.BadImage: not a usable image (reason in the message).
     """
     decoded: dict[int, Image.Image] = {}
+    crops: dict[int, Image.Image] = {}  # backbone -> its clean crop, which its flip view mirrors
     arrays = {}
     for spec in inputs:
         draft = resize_size(spec.data_config)
         if draft not in decoded:
             decoded[draft] = load_for_backbone(data, spec.data_config, max_pixels)
-        arrays[spec.name] = to_array(decoded[draft], spec.data_config, spec.view)
+        if spec.backbone not in crops:
+            crops[spec.backbone] = eval_crop(decoded[draft], spec.data_config)
+        arrays[spec.name] = _normalised(np.asarray(view_of_crop(crops[spec.backbone], spec.view)), spec.data_config)
     return arrays
